@@ -1,0 +1,277 @@
+"""Typed training configuration: a YAML recipe, overridden by ``--key value`` on the command line.
+
+Every key is a field of :class:`TrainConfig` with a type, a default and a help text. Problems in a
+recipe or on the command line (unknown key, wrong type, value out of range) raise
+:class:`ConfigError` naming the key, where it came from and the closest valid key, before any model
+is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line value that cannot be used."""
+
+
+def _key(default, help: str, choices=None):
+    """A config field with its help text (and allowed values) kept beside it."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    # Model and language
+    base_model: str = _key("openai/whisper-small", "Hub id or local directory of the Whisper model to tune.")
+    language: Optional[str] = _key(
+        None,
+        "Default language, as a name ('Chinese') or code ('zh'); a sample's own 'language' field wins. "
+        "Ignored by English-only (.en) models.",
+    )
+    task: str = _key("transcribe", "Whisper task token.", choices=("transcribe", "translate"))
+    timestamps: bool = _key(False, "Train with timestamp tokens (drops <|notimestamps|> from the prefix).")
+
+    # Data
+    train_data: Optional[str] = _key(None, "Training manifest (JSON Lines or JSON array).")
+    test_data: Optional[str] = _key(None, "Evaluation manifest (JSON Lines or JSON array); optional.")
+    min_audio_len: float = _key(0.5, "Drop clips shorter than this many seconds (counted in the log).")
+    max_audio_len: float = _key(30.0, "Drop clips longer than this many seconds (Whisper sees at most 30 s).")
+    augment_config_path: Optional[str] = _key(None, "JSON/YAML file describing audio augmentation.")
+    num_workers: int = _key(0, "DataLoader worker processes.")
+
+    # Objective
+    alpha: float = _key(0.1, "Weight of the odds-ratio term (lambda in the ORPO paper, beta in TRL).")
+    disable_prompt_loss: bool = _key(
+        True,
+        "Leave the prefix tokens (<|lang|><|task|><|notimestamps|>) out of the chosen NLL. "
+        "The odds ratio never counts them.",
+    )
+
+    # Optimisation
+    output_dir: str = _key("outputs/whisper-orpo", "Where checkpoints, logs and the final model go.")
+    learning_rate: float = _key(1e-5, "Peak learning rate of AdamW.")
+    lr_scheduler_type: str = _key(
+        "linear",
+        "Learning-rate schedule after warmup.",
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
+    num_train_epochs: float = _key(1.0, "Epochs to train (ignored when max_steps > 0).")
+    max_steps: int = _key(-1, "Optimizer steps to train; > 0 overrides num_train_epochs.")
+    per_device_train_batch_size: int = _key(4, "Clips per device per micro-batch in training.")
+    per_device_eval_batch_size: int = _key(8, "Clips per device per batch in evaluation.")
+    gradient_accumulation_steps: int = _key(1, "Micro-batches per optimizer step.")
+    warmup_steps: int = _key(0, "Optimizer steps of linear warmup.")
+    max_grad_norm: float = _key(1.0, "Gradient clipping norm (0 turns clipping off).")
+    weight_decay: float = _key(0.0, "AdamW weight decay.")
+    adam_beta1: float = _key(0.9, "AdamW beta1.")
+    adam_beta2: float = _key(0.999, "AdamW beta2.")
+    adam_epsilon: float = _key(1e-8, "AdamW epsilon.")
+    seed: int = _key(42, "Seed for initialisation, data order and dropout.")
+
+    # Efficiency
+    mixed_precision: str = _key("no", "Autocast precision.", choices=("no", "fp16", "bf16"))
+    load_in_8bit: bool = _key(False, "Load the base model in 8-bit through bitsandbytes (CUDA only).")
+    torch_compile: bool = _key(False, "Compile the model with torch.compile.")
+    gradient_checkpointing: bool = _key(False, "Recompute activations in backward to save memory.")
+
+    # PEFT
+    peft: str = _key("none", "Parameter-efficient fine-tuning method.", choices=("none", "lora", "adalora"))
+    lora_r: int = _key(32, "LoRA rank (AdaLoRA: initial rank).")
+    lora_alpha: int = _key(64, "LoRA scaling alpha.")
+    lora_dropout: float = _key(0.05, "Dropout on the LoRA path.")
+    lora_target_modules: list[str] = _key(
+        ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "Module names that get adapters."
+    )
+
+    # Checkpoints and logging
+    resume_from_checkpoint: Optional[str] = _key(None, "Checkpoint directory to resume from, or 'latest'.")
+    logging_steps: int = _key(10, "Log metrics every N optimizer steps.")
+    eval_steps: int = _key(0, "Evaluate every N optimizer steps (0: only at the end).")
+    save_steps: int = _key(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
+    save_total_limit: int = _key(2, "Keep at most this many checkpoints.")
+    report_to: list[str] = _key(["tensorboard"], "Experiment trackers for Accelerate (tensorboard, wandb, mlflow).")
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Range checks that a type alone cannot express."""
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "lora_r")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    non_negative = ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay", "alpha", "eval_steps",
+                    "save_steps", "num_workers", "min_audio_len", "lora_dropout")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_audio_len <= cfg.min_audio_len:
+        raise ConfigError(f"max_audio_len ({cfg.max_audio_len}) must be above min_audio_len ({cfg.min_audio_len})")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+    for f in config_fields():
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(cfg, f.name)!r}")
+
+
+def _base_type(tp):
+    """(type, optional) for a field annotation such as ``Optional[str]`` or ``list[str]``."""
+    optional = False
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+    return tp, optional
+
+
+_TYPE_HINTS = typing.get_type_hints(TrainConfig)
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(name: str, value, where: str):
+    """Convert ``value`` (from YAML or a command-line string) to the declared type of ``name``."""
+    tp, optional = _base_type(_TYPE_HINTS[name])
+
+    def fail(expected: str):
+        return ConfigError(f"{where}: key '{name}' expects {expected}, got {value!r}")
+
+    is_none = value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", "~"})
+    if is_none and typing.get_origin(tp) is list:
+        return []
+    if is_none:
+        if optional:
+            return None
+        raise fail(tp.__name__ if isinstance(tp, type) else str(tp))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise fail("an integer") from None
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads "1e-5" as a string
+            except ValueError:
+                raise fail("a number") from None
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise fail("a list of strings (YAML list, or comma-separated on the command line)")
+    raise TypeError(f"unsupported config type for {name}: {tp}")
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    names = [f.name for f in config_fields()]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run 'python train.py --help' for the list of keys."
+    return ConfigError(f"{where}: unknown key '{key}'.{hint}")
+
+
+def read_recipe(path: str | Path) -> dict:
+    """Read a YAML recipe into ``{key: value}``, checking every key and type against TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of key: value, got {type(data).__name__}")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
+    names = {f.name for f in config_fields()}
+    values = {}
+    for key, value in data.items():
+        where = f"{path}:{lines.get(key, '?')}"
+        if key not in names:
+            raise _unknown_key_error(str(key), where)
+        values[key] = coerce(key, value, where)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Preference-tune Whisper with ORPO. Every recipe key can be overridden as --key value.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML recipe, e.g. recipes/demo.yaml")
+    for f in config_fields():
+        tp, _ = _base_type(_TYPE_HINTS[f.name])
+        kind = "LIST" if typing.get_origin(tp) is list else tp.__name__.upper()
+        choices = f.metadata.get("choices")
+        help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        parser.add_argument(f"--{f.name}", metavar=kind, default=argparse.SUPPRESS,
+                            help=f"{help_text} (default: {default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the recipe given by --config, then --key value overrides."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        if flag.startswith("--"):
+            raise _unknown_key_error(flag[2:].split("=")[0], "command line")
+        raise ConfigError(f"command line: unexpected argument {flag!r}; use --key value")
+    values = read_recipe(args.config) if getattr(args, "config", None) else {}
+    for name, raw in vars(args).items():
+        if name != "config":
+            values[name] = coerce(name, raw, "command line")
+    return TrainConfig(**values)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,185 @@
+"""Whisper with an ORPO forward: the encoder once per clip, one decoder pass over all transcripts.
+
+The collator packs a clip's chosen and rejected transcripts into one decoder row (block-causal
+attention, positions restarting per segment), so cross-attention keys and values are computed once
+per clip. Log-probabilities are computed over the vocabulary in chunks, recomputed in backward, so
+full float32 logits never exist for the whole batch.
+
+Which tokens count (labels are the decoder inputs shifted left; logit k scores label k):
+
+* the odds ratio uses the average log-prob over transcript tokens only: the text and
+  ``<|endoftext|>``. The prefix ``<|lang|><|task|><|notimestamps|>`` is the same for chosen and
+  rejected and would only dilute the contrast; ``<|startoftranscript|>`` is never a label.
+* the NLL is the mean negative log-prob of the chosen transcript's tokens: with
+  ``disable_prompt_loss: true`` (the default) the same transcript tokens, with ``false`` the prefix
+  tokens after ``<|startoftranscript|>`` as well.
+
+:func:`two_pass_forward` is the plain reference: the model called once per transcript, with full
+logits and log-softmax. Tests and the benchmark compare against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from orpo.data import IGNORE_INDEX
+
+LOGIT_CHUNK_TOKENS = 512
+
+
+def whisper_parts(whisper: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
+    """(encoder, decoder, proj_out) of a WhisperForConditionalGeneration, PEFT-wrapped or not."""
+    base = whisper.get_base_model() if hasattr(whisper, "get_base_model") else whisper
+    return base.model.encoder, base.model.decoder, base.proj_out
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = _at_least_float32(F.linear(hidden, weight))
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` (N, D), in float32, ``chunk_tokens`` rows at a time.
+
+    In training each chunk is checkpointed: backward recomputes its logits instead of keeping them.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        args = (hidden[start:start + chunk_tokens], weight, targets[start:start + chunk_tokens])
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logprobs(*args))
+    return torch.cat(pieces)
+
+
+def block_causal_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) mask: token i sees token j when both are in the same segment and j <= i."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    if attn_implementation == "sdpa":
+        return allowed[:, None]
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    raise ValueError(
+        f"attention implementation {attn_implementation!r} cannot take the block-causal mask of packed "
+        "transcripts; load the model with attn_implementation='sdpa' or 'eager'"
+    )
+
+
+def segment_statistics(token_logps: torch.Tensor, batch: dict, disable_prompt_loss: bool) -> dict[str, torch.Tensor]:
+    """Per-clip average log-probs of each transcript and the chosen NLL from (B, L) token log-probs.
+
+    ``token_logps`` holds log p(label) at every labelled position of the packed rows (0 elsewhere).
+    """
+    segment_ids, labels = batch["segment_ids"], batch["labels"]
+    transcript, num_segments = batch["transcript_mask"], batch["num_segments"]
+    slots = int(num_segments.max())
+    in_slot = segment_ids[..., None] == torch.arange(slots, device=segment_ids.device)
+    counted = (in_slot & transcript[..., None]).to(token_logps.dtype)
+    average = (token_logps[..., None] * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+
+    scored = (labels != IGNORE_INDEX) & (segment_ids == 0)
+    if disable_prompt_loss:
+        scored &= transcript
+    scored = scored.to(token_logps.dtype)
+    nll = -(token_logps * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+
+    rejected_slots = torch.arange(slots - 1, device=segment_ids.device)
+    return {
+        "logps_chosen": average[:, 0],
+        "logps_rejected": average[:, 1:],
+        "rejected_mask": rejected_slots[None, :] < (num_segments[:, None] - 1),
+        "nll_chosen": nll,
+    }
+
+
+class ORPOWhisper(nn.Module):
+    """Wraps a Whisper model (plain or PEFT) so that one ``forward`` is one ORPO forward.
+
+    Keeping the whole computation inside this module lets Accelerate, DDP and DeepSpeed wrap one
+    module and see every parameter use.
+    """
+
+    def __init__(self, whisper: nn.Module, disable_prompt_loss: bool = True,
+                 logit_chunk_tokens: int = LOGIT_CHUNK_TOKENS):
+        super().__init__()
+        self.whisper = whisper
+        self.disable_prompt_loss = disable_prompt_loss
+        self.logit_chunk_tokens = logit_chunk_tokens
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoder, decoder, proj_out = whisper_parts(self.whisper)
+        features = batch["input_features"].to(proj_out.weight.dtype)
+        encoder_states = encoder(features).last_hidden_state
+
+        attn = decoder.config._attn_implementation
+        mask = block_causal_mask(batch["segment_ids"], attn, encoder_states.dtype)
+        hidden = decoder(
+            input_ids=batch["decoder_input_ids"],
+            attention_mask=mask,
+            position_ids=batch["position_ids"],
+            encoder_hidden_states=encoder_states,
+            use_cache=False,
+        ).last_hidden_state
+
+        labels = batch["labels"]
+        labelled = labels != IGNORE_INDEX
+        logps = token_logprobs(hidden[labelled], proj_out.weight, labels[labelled], self.logit_chunk_tokens)
+        token_logps = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device)
+        token_logps[labelled] = logps
+        return segment_statistics(token_logps, batch, self.disable_prompt_loss)
+
+
+def _unpack_slot(batch: dict, slot: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder inputs, labels and transcript mask (B, L_slot) of one transcript slot, batched alone."""
+    rows = batch["segment_ids"] == slot
+    lengths = rows.sum(dim=1)
+    width = max(int(lengths.max()), 1)
+    batch_size = rows.shape[0]
+    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=rows.device)
+    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long, device=rows.device)
+    transcript = torch.zeros((batch_size, width), dtype=torch.bool, device=rows.device)
+    for b in range(batch_size):
+        n = int(lengths[b])
+        input_ids[b, :n] = batch["decoder_input_ids"][b][rows[b]]
+        labels[b, :n] = batch["labels"][b][rows[b]]
+        transcript[b, :n] = batch["transcript_mask"][b][rows[b]]
+    return input_ids, labels, transcript
+
+
+def two_pass_forward(whisper: nn.Module, batch: dict, disable_prompt_loss: bool = True,
+                     pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Reference ORPO forward: Whisper called separately for the chosen and for each rejected slot.
+
+    The encoder runs once per call, logits and log-softmax are materialised in full. Same outputs as
+    :class:`ORPOWhisper`, at several times the memory.
+    """
+    slots = int(batch["num_segments"].max())
+    token_logps, segment_ids, labels_all, transcript_all = [], [], [], []
+    for slot in range(slots):
+        input_ids, labels, transcript = _unpack_slot(batch, slot, pad_token_id)
+        logits = whisper(input_features=batch["input_features"], decoder_input_ids=input_ids, use_cache=False).logits
+        logp = torch.log_softmax(_at_least_float32(logits), dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        labelled = labels != IGNORE_INDEX
+        token_logps.append(logp * labelled)
+        segment_ids.append(torch.where(labelled, slot, -1))
+        labels_all.append(labels)
+        transcript_all.append(transcript)
+    unpacked = {
+        "segment_ids": torch.cat(segment_ids, dim=1),
+        "labels": torch.cat(labels_all, dim=1),
+        "transcript_mask": torch.cat(transcript_all, dim=1),
+        "num_segments": batch["num_segments"],
+    }
+    return segment_statistics(torch.cat(token_logps, dim=1), unpacked, disable_prompt_loss)
