@@ -20,7 +20,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or command-line value that cannot be used."""
+    """A recipe or command-line value that cannot be used; ``key`` names the offending key when known."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _key(default, help: str, choices=None):
@@ -119,20 +123,22 @@ def _check_values(cfg: TrainConfig) -> None:
                 "logging_steps", "lora_r")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}", key=name)
     non_negative = ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay", "alpha", "eval_steps",
                     "save_steps", "num_workers", "min_audio_len", "lora_dropout")
     for name in non_negative:
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}", key=name)
     if cfg.max_audio_len <= cfg.min_audio_len:
-        raise ConfigError(f"max_audio_len ({cfg.max_audio_len}) must be above min_audio_len ({cfg.min_audio_len})")
+        raise ConfigError(f"max_audio_len ({cfg.max_audio_len}) must be above min_audio_len ({cfg.min_audio_len})",
+                          key="max_audio_len")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
-        raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+        raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
     for f in config_fields():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(cfg, f.name)!r}")
+            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(cfg, f.name)!r}",
+                              key=f.name)
 
 
 def _base_type(tp):
@@ -159,9 +165,9 @@ def coerce(name: str, value, where: str):
     is_none = value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", "~"})
     if is_none and typing.get_origin(tp) is list:
         return []
-    if is_none:
-        if optional:
-            return None
+    if is_none and optional:
+        return None
+    if value is None:
         raise fail(tp.__name__ if isinstance(tp, type) else str(tp))
     if tp is bool:
         if isinstance(value, bool):
@@ -194,7 +200,9 @@ def coerce(name: str, value, where: str):
                 raise fail("a number") from None
         raise fail("a number")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            raise fail("a string (YAML reads yes/no/on/off/true/false as booleans: quote the value)")
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise fail("a string")
     if typing.get_origin(tp) is list:
@@ -228,7 +236,12 @@ def read_recipe(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of key: value, got {type(data).__name__}")
-    lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
+    lines = {}
+    for key_node, _ in root.value:
+        line = key_node.start_mark.line + 1
+        if key_node.value in lines:
+            raise ConfigError(f"{path}:{line}: key '{key_node.value}' is set twice (first on line {lines[key_node.value]})")
+        lines[key_node.value] = line
     names = {f.name for f in config_fields()}
     values = {}
     for key, value in data.items():
@@ -251,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = "LIST" if typing.get_origin(tp) is list else tp.__name__.upper()
         choices = f.metadata.get("choices")
         help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = ",".join(f.default_factory()) if f.default is dataclasses.MISSING else f.default
         parser.add_argument(f"--{f.name}", metavar=kind, default=argparse.SUPPRESS,
                             help=f"{help_text} (default: {default})")
     return parser
@@ -266,11 +279,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if flag.startswith("--"):
             raise _unknown_key_error(flag[2:].split("=")[0], "command line")
         raise ConfigError(f"command line: unexpected argument {flag!r}; use --key value")
-    values = read_recipe(args.config) if getattr(args, "config", None) else {}
+    recipe = getattr(args, "config", None)
+    values = read_recipe(recipe) if recipe else {}
+    sources = {name: recipe for name in values}
     for name, raw in vars(args).items():
         if name != "config":
             values[name] = coerce(name, raw, "command line")
-    return TrainConfig(**values)
+            sources[name] = "command line"
+    try:
+        return TrainConfig(**values)
+    except ConfigError as err:
+        origin = sources.get(err.key, "default") if err.key else None
+        raise ConfigError(f"{origin}: {err}" if origin else str(err)) from None
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

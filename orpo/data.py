@@ -49,7 +49,7 @@ class PreferenceSample:
 
 def _manifest_records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed JSON value) for each record of a JSON Lines file or a JSON array."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
         decoder = json.JSONDecoder()
         records, pos = [], text.index("[") + 1
@@ -67,7 +67,8 @@ def _manifest_records(path: Path) -> list[tuple[int, object]]:
                 raise ManifestError(f"{path}:{line}: not valid JSON ({err.msg})") from None
             records.append((line, value))
     records = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also break at U+2028 and friends, legal inside JSON strings
+    for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
