@@ -20,12 +20,16 @@ logits and log-softmax. Tests and the benchmark compare against it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from orpo.attention import TOKEN_MAJOR_SDPA, token_major_attention
 from orpo.data import IGNORE_INDEX
+from orpo.recompute import elementwise_modules, report_kept, selective_recompute
 
 LOGIT_CHUNK_TOKENS = 512
 
@@ -34,6 +38,13 @@ def whisper_parts(whisper: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
     """(encoder, decoder, proj_out) of a WhisperForConditionalGeneration, PEFT-wrapped or not."""
     base = whisper.get_base_model() if hasattr(whisper, "get_base_model") else whisper
     return base.model.encoder, base.model.decoder, base.proj_out
+
+
+def freeze_encoder(whisper: nn.Module) -> None:
+    """Stop training the encoder (adapters in it included); :class:`ORPOWhisper` then runs it without grad."""
+    encoder, _, _ = whisper_parts(whisper)
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -55,6 +66,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     for start in range(0, hidden.shape[0], chunk_tokens):
         args = (hidden[start:start + chunk_tokens], weight, targets[start:start + chunk_tokens])
         if torch.is_grad_enabled():
+            report_kept(args[0])
             pieces.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logprobs(*args))
@@ -66,7 +78,7 @@ def block_causal_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype
     length = segment_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
-    if attn_implementation == "sdpa":
+    if attn_implementation in ("sdpa", TOKEN_MAJOR_SDPA):
         return allowed[:, None]
     if attn_implementation == "eager":
         mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
@@ -111,17 +123,28 @@ class ORPOWhisper(nn.Module):
     module and see every parameter use.
     """
 
-    def __init__(self, whisper: nn.Module, disable_prompt_loss: bool = True,
+    def __init__(self, whisper: nn.Module, disable_prompt_loss: bool = True, selective_recompute: bool = False,
                  logit_chunk_tokens: int = LOGIT_CHUNK_TOKENS):
         super().__init__()
         self.whisper = whisper
         self.disable_prompt_loss = disable_prompt_loss
+        self.selective_recompute = selective_recompute
         self.logit_chunk_tokens = logit_chunk_tokens
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(token_major_attention(self.whisper))
+            if self.selective_recompute and torch.is_grad_enabled():
+                stack.enter_context(selective_recompute(elementwise_modules(self.whisper)))
+            return self._forward(batch)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         encoder, decoder, proj_out = whisper_parts(self.whisper)
         features = batch["input_features"].to(proj_out.weight.dtype)
-        encoder_states = encoder(features).last_hidden_state
+        # A frozen encoder (nothing in it trains) keeps no activations for backward.
+        encoder_trains = any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            encoder_states = encoder(features).last_hidden_state
 
         attn = decoder.config._attn_implementation
         mask = block_causal_mask(batch["segment_ids"], attn, encoder_states.dtype)
