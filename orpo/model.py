@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -51,22 +50,25 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = _at_least_float32(F.linear(hidden, weight))
+def _chunk_token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = _at_least_float32(head(hidden))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                    chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> torch.Tensor:
-    """log p(target) for each row of ``hidden`` (N, D), in float32, ``chunk_tokens`` rows at a time.
+    """log p(target) for each row of ``hidden`` (N, D) under the output head, in float32 or better,
+    ``chunk_tokens`` rows at a time.
 
     In training each chunk is checkpointed: backward recomputes its logits instead of keeping them.
+    The head is called as a module (never its weight read directly), so DeepSpeed ZeRO-3 gathers its
+    partitioned weight for the forward and again for the recomputation.
     """
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (hidden[start:start + chunk_tokens], weight, targets[start:start + chunk_tokens])
+        args = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
         if torch.is_grad_enabled():
-            report_kept(args[0])
+            report_kept(args[1])
             pieces.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logprobs(*args))
@@ -140,7 +142,7 @@ class ORPOWhisper(nn.Module):
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         encoder, decoder, proj_out = whisper_parts(self.whisper)
-        features = batch["input_features"].to(proj_out.weight.dtype)
+        features = batch["input_features"].to(encoder.conv1.weight.dtype)
         # A frozen encoder (nothing in it trains) keeps no activations for backward.
         encoder_trains = any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
@@ -158,7 +160,7 @@ class ORPOWhisper(nn.Module):
 
         labels = batch["labels"]
         labelled = labels != IGNORE_INDEX
-        logps = token_logprobs(hidden[labelled], proj_out.weight, labels[labelled], self.logit_chunk_tokens)
+        logps = token_logprobs(proj_out, hidden[labelled], labels[labelled], self.logit_chunk_tokens)
         token_logps = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device)
         token_logps[labelled] = logps
         return segment_statistics(token_logps, batch, self.disable_prompt_loss)
