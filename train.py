@@ -8,7 +8,7 @@ import sys
 
 from orpo.config import ConfigError, parse_args
 from orpo.data import ManifestError
-from orpo.trainer import train
+from orpo.trainer import NonFiniteLossError, train
 
 
 def main() -> int:
@@ -18,6 +18,9 @@ def main() -> int:
     except (ConfigError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

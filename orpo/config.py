@@ -47,14 +47,33 @@ class TrainConfig:
         "Ignored by English-only (.en) models.",
     )
     task: str = _key("transcribe", "Whisper task token.", choices=("transcribe", "translate"))
-    timestamps: bool = _key(False, "Train with timestamp tokens (drops <|notimestamps|> from the prefix).")
+    timestamps: bool = _key(
+        False,
+        "Train with timestamp tokens (drops <|notimestamps|> from the prefix); transcripts must then be "
+        "segment lists with start and end times ('chosens'/'rejecteds').",
+    )
 
     # Data
-    train_data: Optional[str] = _key(None, "Training manifest (JSON Lines or JSON array).")
-    test_data: Optional[str] = _key(None, "Evaluation manifest (JSON Lines or JSON array); optional.")
+    train_data: Optional[str] = _key(
+        None,
+        "Training data: a manifest (JSON Lines or JSON array), a dataset directory saved with save_to_disk, "
+        "or a dataset name for load_dataset.",
+    )
+    test_data: Optional[str] = _key(None, "Evaluation data, in the same forms as train_data; optional.")
+    dataset_config: Optional[str] = _key(None, "Configuration (subset) name passed to load_dataset.")
+    train_split: str = _key("train", "Split of a Hugging Face dataset to train on.")
+    test_split: str = _key("test", "Split of a Hugging Face dataset to evaluate on.")
+    audio_column: str = _key("audio", "Dataset column with the audio (Audio feature, {bytes, path}, or a path).")
+    chosen_column: str = _key("chosen", "Dataset column with the chosen transcript.")
+    rejected_column: str = _key("rejected", "Dataset column with the rejected transcript(s).")
+    language_column: Optional[str] = _key(
+        None, "Dataset column with each row's language (None: the 'language' column when there is one)."
+    )
     min_audio_len: float = _key(0.5, "Drop clips shorter than this many seconds (counted in the log).")
     max_audio_len: float = _key(30.0, "Drop clips longer than this many seconds (Whisper sees at most 30 s).")
-    augment_config_path: Optional[str] = _key(None, "JSON/YAML file describing audio augmentation.")
+    augment_config_path: Optional[str] = _key(
+        None, "JSON/YAML file describing audio augmentation of the training data (see README, Augmentation)."
+    )
     num_workers: int = _key(0, "DataLoader worker processes.")
 
     # Objective
@@ -88,9 +107,16 @@ class TrainConfig:
 
     # Efficiency
     mixed_precision: str = _key("no", "Autocast precision.", choices=("no", "fp16", "bf16"))
-    load_in_8bit: bool = _key(False, "Load the base model in 8-bit through bitsandbytes (CUDA only).")
+    load_in_8bit: bool = _key(False, "Load the base model in 8-bit through bitsandbytes (CUDA only; needs peft).")
+    load_in_4bit: bool = _key(False, "Load the base model in 4-bit NF4 through bitsandbytes (QLoRA; CUDA only; needs peft).")
     torch_compile: bool = _key(False, "Compile the model with torch.compile.")
-    gradient_checkpointing: bool = _key(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = _key(False, "Recompute each layer's activations in backward (least memory, ~1.3x time).")
+    selective_recompute: bool = _key(
+        False, "Recompute LayerNorm and GELU outputs in backward instead of keeping them (no matrix product "
+        "is recomputed; exact).")
+    freeze_encoder: bool = _key(
+        False, "Do not train the encoder; it then runs without keeping activations for backward.")
+    group_by_length: bool = _key(False, "Batch clips of similar transcript length together to cut decoder padding.")
 
     # PEFT
     peft: str = _key("none", "Parameter-efficient fine-tuning method.", choices=("none", "lora", "adalora"))
@@ -100,17 +126,30 @@ class TrainConfig:
     lora_target_modules: list[str] = _key(
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "Module names that get adapters."
     )
+    adalora_target_r: Optional[int] = _key(None, "AdaLoRA: average rank per module after pruning (None: lora_r // 4, at least 1).")
+    adalora_tinit: Optional[int] = _key(None, "AdaLoRA: optimizer steps before ranks start to shrink (None: a tenth of the steps, at most 200).")
+    adalora_tfinal: Optional[int] = _key(None, "AdaLoRA: final optimizer steps with ranks fixed (None: a fifth of the steps, at most 500).")
 
     # Checkpoints and logging
     resume_from_checkpoint: Optional[str] = _key(None, "Checkpoint directory to resume from, or 'latest'.")
     logging_steps: int = _key(10, "Log metrics every N optimizer steps.")
     eval_steps: int = _key(0, "Evaluate every N optimizer steps (0: only at the end).")
+    eval_before_train: bool = _key(
+        False, "Evaluate the base model before training, so the log and eval_results.json show base versus tuned.")
+    generation_num_beams: int = _key(1, "Beam width of the transcripts generated for eval WER/CER (1: greedy).")
+    generation_max_length: int = _key(
+        225, "Most decoder tokens of a generated eval transcript, prefix included (capped at the model's limit).")
     save_steps: int = _key(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
-    save_total_limit: int = _key(2, "Keep at most this many checkpoints.")
-    report_to: list[str] = _key(["tensorboard"], "Experiment trackers for Accelerate (tensorboard, wandb, mlflow).")
+    save_total_limit: int = _key(2, "Keep at most this many checkpoints (0: keep all); the newest is never deleted.")
+    max_nonfinite_steps: int = _key(5, "Stop the run after this many optimizer steps in a row with a NaN/Inf loss (each is skipped).")
+    report_to: list[str] = _key(["tensorboard"], "Experiment trackers for Accelerate (tensorboard, wandb, mlflow; none for no tracker).")
 
     def __post_init__(self) -> None:
         _check_values(self)
+
+
+# Experiment trackers that Accelerate knows (report_to); a name outside this list is a ConfigError.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -120,12 +159,12 @@ def config_fields() -> list[dataclasses.Field]:
 def _check_values(cfg: TrainConfig) -> None:
     """Range checks that a type alone cannot express."""
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "lora_r")
+                "logging_steps", "lora_r", "max_nonfinite_steps", "generation_num_beams", "generation_max_length")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}", key=name)
     non_negative = ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay", "alpha", "eval_steps",
-                    "save_steps", "num_workers", "min_audio_len", "lora_dropout")
+                    "save_steps", "num_workers", "min_audio_len", "lora_dropout", "save_total_limit")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}", key=name)
@@ -134,6 +173,21 @@ def _check_values(cfg: TrainConfig) -> None:
                           key="max_audio_len")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"report_to: unknown tracker {name!r}; use some of {', '.join(TRACKERS)}, "
+                              f"or none for no tracker.{hint}", key="report_to")
+    if cfg.load_in_8bit and cfg.load_in_4bit:
+        raise ConfigError("load_in_8bit and load_in_4bit cannot both be true", key="load_in_4bit")
+    for name in ("load_in_8bit", "load_in_4bit"):
+        if getattr(cfg, name) and cfg.peft == "none":
+            raise ConfigError(f"{name} trains adapters on frozen quantised weights: set peft to lora or adalora",
+                              key=name)
+    for name, least in (("adalora_target_r", 1), ("adalora_tinit", 0), ("adalora_tfinal", 0)):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
+            raise ConfigError(f"{name} must be >= {least}, got {getattr(cfg, name)}", key=name)
     for f in config_fields():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:

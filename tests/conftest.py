@@ -11,6 +11,9 @@ import pytest
 import soundfile as sf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models are dominated by thread overhead: one thread per process is several times faster, and the
+# multi-process tests' children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,6 +28,7 @@ from orpo.data import (
 EOT, SOT = 50257, 50258
 EN, ZH, DE, FR = 50259, 50260, 50261, 50265
 TRANSLATE, TRANSCRIBE, NO_TIMESTAMPS = 50358, 50359, 50363
+TIMESTAMP_0 = 50364  # <|0.00|>; <|30.00|> is 51864
 HELLO_WORLD = [2425, 1002]  # " Hello world", as tiktoken encodes it
 
 
@@ -444,7 +445,8 @@ def check_row(batch, row, expected_segments, pad_token_id):
         assert [SOT] + seg_lab.tolist() == ids and seg_in.tolist() == ids[:-1]
         assert seg_pos.tolist() == list(range(len(idx)))
         # transcript_mask: the text tokens and <|endoftext|>, never <|lang|>, <|task|>, <|notimestamps|>
-        text_or_eot = (seg_lab < EOT) | (seg_lab == EOT)
+        # (timestamp tokens, <|0.00|> and up, are transcript tokens too)
+        text_or_eot = (seg_lab < EOT) | (seg_lab == EOT) | (seg_lab >= TIMESTAMP_0)
         assert torch.equal(seg_mask, text_or_eot)
         assert int((~seg_mask).sum()) == prefix_len - 1
     pad = ~used
@@ -496,7 +498,13 @@ def test_collator_packs_clips_with_different_numbers_of_rejected(tmp_path, proce
 
 def test_collator_english_only_and_timestamps(tmp_path, processor):
     write_clip(tmp_path / "a.wav", 1.0, seed=0)
-    manifest = write_lines(tmp_path / "m.jsonl", [json.dumps(record(chosen="Hello world", rejected=["a", "b c"]))])
+
+    def timed(text):
+        return [{"start": 0.0, "end": 0.5, "text": text}, {"start": 0.5, "end": 0.98, "text": "again"}]
+
+    manifest = write_lines(tmp_path / "m.jsonl", [json.dumps(record(
+        chosen="Hello world", rejected=["a", "b c"], chosens=timed("Hello world"), rejecteds=[timed("a"), timed("b c")],
+    ))])
     samples = read_manifest(manifest)
     for kwargs, prefix in [(dict(multilingual=False), [SOT, NO_TIMESTAMPS]),
                            (dict(timestamps=True), [SOT, EN, TRANSCRIBE])]:
@@ -505,6 +513,7 @@ def test_collator_english_only_and_timestamps(tmp_path, processor):
         assert batch["num_segments"].tolist() == [3]
         expected = [ds.items[0].segments[k] for k in range(3)]
         assert all(ids[:len(prefix)] == prefix and n == len(prefix) for ids, n in expected)
+        assert any(t >= TIMESTAMP_0 for ids, _ in expected for t in ids) == kwargs.get("timestamps", False)
         check_row(batch, 0, expected, EOT)
 
 

@@ -1,0 +1,230 @@
+"""Training checkpoints: atomic saves, rotation, finding the latest complete one, and checks before resuming.
+
+A checkpoint is the folder ``output_dir/checkpoint-STEP``. It holds what ``Accelerator.save_state`` writes
+(the model weights, or with PEFT only the adapter; the optimizer; objects registered for checkpointing such as
+the learning-rate scheduler; the random states of every process) and ``trainer_state.json`` with the position in
+training (``global_step``, ``epoch``, ``step_in_epoch``: batches of this process consumed in the epoch) and the
+settings that position depends on.
+
+Everything is written into ``output_dir/.tmp-checkpoint-STEP`` first; ``trainer_state.json`` is written last and
+the folder is then renamed into place. A folder is a complete checkpoint only when it holds
+``trainer_state.json``, so a save cut short by a crash is never mistaken for one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from orpo.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+MODEL_FILE = "model.safetensors"      # accelerate.utils.SAFE_WEIGHTS_NAME
+OPTIMIZER_FILE = "optimizer.bin"      # accelerate.utils.OPTIMIZER_NAME + ".bin"
+SCALER_FILE = "scaler.pt"             # accelerate.utils.SCALER_NAME (fp16 only)
+
+# Settings that give ``step_in_epoch`` and the random streams their meaning: a run resumed with other
+# values would silently see other batches, so a mismatch is an error.
+POSITION_SETTINGS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "train_clips",
+                     "seed", "peft", "group_by_length")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, or written with other settings)."""
+
+
+def read_trainer_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is not a complete checkpoint: it has no {STATE_NAME} (written last, so "
+                              "the save was cut short or this is not a checkpoint folder)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    for key in ("global_step", "epoch", "step_in_epoch"):
+        if not isinstance(state.get(key), int) or state[key] < 0:
+            raise CheckpointError(f"{path}: '{key}' is missing or not a non-negative integer")
+    return state
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(global_step, folder) of every complete checkpoint in ``output_dir``, oldest step first."""
+    found = []
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return found
+    for folder in output_dir.iterdir():
+        if folder.is_dir() and folder.name.startswith(PREFIX) and (folder / STATE_NAME).is_file():
+            try:
+                found.append((read_trainer_state(folder)["global_step"], folder))
+            except CheckpointError as err:
+                logger.warning("ignoring %s: %s", folder, err)
+    return sorted(found)
+
+
+def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
+    """The folder named by ``resume_from_checkpoint``: a path, or ``latest`` (newest complete one in output_dir)."""
+    output_dir = Path(output_dir)
+    if spec == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            partial = sorted(p.name for p in output_dir.glob(f"{PREFIX}*") if p.is_dir()) if output_dir.is_dir() else []
+            detail = f" (incomplete, without {STATE_NAME}: {', '.join(partial)})" if partial else ""
+            raise CheckpointError(
+                f"resume_from_checkpoint latest: output_dir {output_dir} holds no complete checkpoint{detail}. "
+                "Checkpoints are written every save_steps steps and when a run is stopped by SIGTERM/SIGINT; "
+                "to start from scratch, leave out --resume_from_checkpoint.")
+        return found[-1][1]
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint: {folder} is not a folder")
+    read_trainer_state(folder)
+    return folder
+
+
+def check_checkpoint_files(folder: Path, world_size: int, custom_objects: int, scaler: bool,
+                           weights: bool = True) -> None:
+    """Every file that ``Accelerator.load_state`` will read is there, before any weights load.
+
+    ``weights``: the model and optimizer are in Accelerate's own files (not DeepSpeed's or FSDP's layout).
+    """
+    required = [MODEL_FILE, OPTIMIZER_FILE] if weights else []
+    required += [f"custom_checkpoint_{i}.pkl" for i in range(custom_objects)]
+    required += [f"random_states_{rank}.pkl" for rank in range(world_size)]
+    required += [SCALER_FILE] if scaler else []
+    missing = [name for name in required if not (Path(folder) / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete or was written with other settings: "
+                              f"{', '.join(missing)} missing")
+
+
+def check_position_settings(folder: Path, state: dict, current: dict) -> None:
+    """The settings that define the data position and randomness are the ones the checkpoint was written with."""
+    saved = state.get("settings", {})
+    changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in POSITION_SETTINGS
+               if key in saved and key in current and saved[key] != current[key]]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {folder} was written with other settings than this run: {'; '.join(changed)}. A resumed "
+            "run must keep them to continue with the same batches (world_size: number of processes; "
+            "train_clips: clips in train_data after filtering).")
+
+
+def checkpoint_state_dict(model: torch.nn.Module, adapter_only: bool) -> OrderedDict:
+    """The weights a checkpoint keeps: all of them, or with PEFT the trainable ones and the adapters' own.
+
+    The frozen base model is loaded from ``base_model`` again on resume, so an adapter checkpoint stays small.
+    """
+    state = model.state_dict()
+    if not adapter_only:
+        return state
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    keep |= {name for name in state if "lora_" in name or ".ranknum." in name}
+    return OrderedDict((name, tensor) for name, tensor in state.items() if name in keep)
+
+
+def load_checkpoint_weights(model: torch.nn.Module, folder: Path, adapter_only: bool) -> None:
+    """Load the checkpoint's weights into ``model``, checking that every key matches: never a partial load."""
+    from safetensors.torch import load_file, load_model
+
+    path = Path(folder) / MODEL_FILE
+    if not adapter_only:
+        try:
+            load_model(model, str(path), strict=True)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path} does not fit this model: {err}") from None
+        return
+    try:
+        stored = load_file(str(path))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    expected = set(checkpoint_state_dict(model, adapter_only=True))
+    missing, unexpected = sorted(expected - set(stored)), sorted(set(stored) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit this model's adapters (were peft, lora_r or "
+                              f"lora_target_modules changed?): missing {missing[:5]}, unexpected {unexpected[:5]}")
+    shapes = [name for name, tensor in model.state_dict().items() if name in stored and stored[name].shape != tensor.shape]
+    if shapes:
+        raise CheckpointError(f"{path}: shapes differ from this model's for {shapes[:5]}")
+    model.load_state_dict(stored, strict=False)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def finalize_checkpoint(staging: Path, final: Path, state: dict) -> None:
+    """Write ``trainer_state.json`` last, flush everything to disk, then rename the folder into place."""
+    _fsync_tree(staging)
+    tmp_state = staging / (STATE_NAME + ".tmp")
+    tmp_state.write_text(json.dumps(state, indent=2) + "\n")
+    with tmp_state.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_state, staging / STATE_NAME)
+    _fsync_dir(staging)
+    old = None
+    if final.exists():  # an earlier save at this step (a run resumed from an older checkpoint)
+        old = final.with_name(f"{TMP_PREFIX}{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: Path, newest: Path, limit: int) -> None:
+    """Keep ``newest`` and at most ``limit`` complete checkpoints in all (0: keep all).
+
+    Checkpoints at later steps than ``newest`` come from a run this one replaced (started afresh, or resumed from
+    an earlier checkpoint): they are removed so that ``latest`` always means the last save.
+    """
+    found = complete_checkpoints(output_dir)
+    newest_step = read_trainer_state(newest)["global_step"]
+    others = [(step, folder) for step, folder in found if folder.resolve() != newest.resolve()]
+    for step, folder in others:
+        if step > newest_step:
+            logger.warning("removing %s: it is from an earlier run that this one replaced", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    others = [(step, folder) for step, folder in others if step <= newest_step]
+    if limit > 0:
+        for _, folder in others[:max(0, len(others) + 1 - limit)]:
+            logger.info("removing old checkpoint %s (save_total_limit %d)", folder, limit)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Temporary folders of saves that a crash cut short."""
+    if Path(output_dir).is_dir():
+        for folder in Path(output_dir).glob(f"{TMP_PREFIX}*"):
+            logger.info("removing %s, left by an interrupted save", folder)
+            shutil.rmtree(folder, ignore_errors=True)

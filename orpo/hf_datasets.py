@@ -1,0 +1,172 @@
+"""Hugging Face datasets as training or evaluation data.
+
+``train_data``/``test_data`` may name, instead of a manifest:
+
+* a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``load_from_disk``;
+  a DatasetDict gives the split ``train_split``/``test_split``);
+* any other directory or a dataset name, passed to ``load_dataset(name, dataset_config, split=...)``
+  (a folder of parquet/JSON files, a hub id where the hub is reachable).
+
+Recipe keys map the columns: ``audio_column`` (default "audio"), ``chosen_column`` ("chosen"),
+``rejected_column`` ("rejected", a string or a list of strings), ``language_column`` (default: the
+"language" column when there is one). Transcript columns may hold segment lists for timestamps, as in a
+manifest; a ``<chosen_column>s``/``<rejected_column>s`` column is read as in a manifest too.
+
+The audio column is cast to ``Audio(decode=False)``, so rows give the stored bytes or path and no
+ffmpeg/torchcodec decoder is ever needed: audio is decoded with soundfile, mixed to mono and
+resampled to 16 kHz like manifest audio. A column of ``{"array", "sampling_rate"}`` or of paths works
+too. Every row is checked up front (transcripts, language, the audio header), and errors name the
+row and column: ``dataset data/prefs (split train), row 17: column 'chosen' is missing``.
+Audio is read lazily, row by row, when the clip is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from orpo.data import ManifestError, PreferenceSample, _language_field, parse_transcripts, to_mono_16k
+
+logger = logging.getLogger(__name__)
+
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
+
+
+def _open_dataset(spec: str, split: str, config_name: str | None):
+    """(Dataset, label for messages, folder that relative audio paths resolve against)."""
+    import datasets
+
+    path = Path(spec)
+    if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:
+            raise ManifestError(f"dataset {spec}: cannot load it with load_from_disk: {err}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ManifestError(f"dataset {spec}: no split '{split}' (splits: {', '.join(loaded)}); "
+                                    "set train_split/test_split")
+            return loaded[split], f"dataset {spec} (split {split})", path / split
+        return loaded, f"dataset {spec}", path
+    described = f"{spec}" + (f", config {config_name}" if config_name else "") + f", split {split}"
+    try:
+        loaded = datasets.load_dataset(spec, config_name, split=split)
+    except Exception as err:
+        raise ManifestError(
+            f"dataset {described}: cannot load it ({type(err).__name__}: {err}). train_data/test_data take a "
+            "manifest (.jsonl/.json), a directory saved with save_to_disk, or a dataset load_dataset can reach"
+        ) from None
+    return loaded, f"dataset {described}", path if path.is_dir() else None
+
+
+def _resolve(path_text: str, base: Path | None) -> Path:
+    path = Path(path_text)
+    if path.is_absolute() or path.is_file() or base is None:
+        return path
+    return base / path
+
+
+def _audio_input(value, where: str, column: str, base: Path | None):
+    """What soundfile should read (bytes stream or path), or a decoded (array, rate) pair."""
+    if isinstance(value, dict):
+        if value.get("array") is not None:
+            rate = value.get("sampling_rate")
+            if not isinstance(rate, int) or rate <= 0:
+                raise ManifestError(f"{where}: column '{column}': an audio array needs a positive 'sampling_rate'")
+            return np.asarray(value["array"], dtype=np.float32), rate
+        if value.get("bytes"):
+            return io.BytesIO(value["bytes"])
+        if value.get("path"):
+            return _resolve(value["path"], base)
+        raise ManifestError(f"{where}: column '{column}' has neither audio bytes nor a path")
+    if isinstance(value, str) and value.strip():
+        return _resolve(value, base)
+    raise ManifestError(f"{where}: column '{column}' must hold audio ({{bytes, path}}, an array with its "
+                        f"sampling_rate, or a path), got {type(value).__name__}")
+
+
+def _duration(source, where: str, column: str) -> float:
+    if isinstance(source, tuple):
+        audio, rate = source
+        return audio.shape[0] / rate
+    if isinstance(source, Path) and not source.is_file():
+        raise ManifestError(f"{where}: column '{column}': file {source} does not exist")
+    try:
+        info = sf.info(source if isinstance(source, io.BytesIO) else str(source))
+    except Exception as err:
+        raise ManifestError(f"{where}: column '{column}': cannot decode the audio: {err}") from None
+    return float(info.frames) / info.samplerate
+
+
+def _decode(source, where: str, column: str) -> np.ndarray:
+    if isinstance(source, tuple):
+        audio, rate = source
+        return to_mono_16k(audio, rate)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        audio, rate = sf.read(source if isinstance(source, io.BytesIO) else str(source), dtype="float32",
+                              always_2d=True)
+    except Exception as err:
+        raise ManifestError(f"{where}: column '{column}': cannot decode the audio: {err}") from None
+    return to_mono_16k(audio, rate)
+
+
+class DatasetAudio:
+    """Loads one row's audio when called (picklable: DataLoader workers get the dataset by reference)."""
+
+    def __init__(self, dataset, row: int, column: str, where: str, base: Path | None):
+        self.dataset, self.row, self.column, self.where, self.base = dataset, row, column, where, base
+
+    def __call__(self) -> np.ndarray:
+        value = self.dataset[self.row][self.column]
+        return _decode(_audio_input(value, self.where, self.column, self.base), self.where, self.column)
+
+
+def read_hf_dataset(spec: str, *, split: str = "train", config_name: str | None = None,
+                    audio_column: str = "audio", chosen_column: str = "chosen", rejected_column: str = "rejected",
+                    language_column: str | None = None) -> list[PreferenceSample]:
+    """Check every row of a Hugging Face dataset and return it as preference samples."""
+    from datasets import Audio
+
+    dataset, label, base = _open_dataset(spec, split, config_name)
+    columns = list(dataset.column_names)
+    language_key = language_column or ("language" if "language" in columns else None)
+    needed = [(audio_column, "audio_column"), (chosen_column, "chosen_column"), (rejected_column, "rejected_column")]
+    if language_column:
+        needed.append((language_column, "language_column"))
+    for column, key in needed:
+        alternatives = [column, column + "s"] if key in ("chosen_column", "rejected_column") else [column]
+        if not any(c in columns for c in alternatives):
+            raise ManifestError(f"{label}: no column '{column}' (columns: {', '.join(columns)}); "
+                                f"set {key} to the column that holds it")
+    if isinstance(dataset.features.get(audio_column), Audio):
+        dataset = dataset.cast_column(audio_column, Audio(decode=False))
+    if len(dataset) == 0:
+        raise ManifestError(f"{label}: the dataset has no rows")
+
+    samples = []
+    for row_index in range(len(dataset)):
+        row = dataset[row_index]
+        where = f"{label}, row {row_index}"
+        value = row[audio_column]
+        source = _audio_input(value, where, audio_column, base)
+        duration = _duration(source, where, audio_column)
+        language = _language_field(row, where, key=language_key, kind="column") if language_key else None
+        path = source if isinstance(source, Path) else None
+        if path is None and isinstance(value, dict) and value.get("path"):
+            path = Path(value["path"])  # informative only: the audio comes from the stored bytes
+        samples.append(PreferenceSample(
+            audio_path=path,
+            duration=duration,
+            language=language,
+            source=where,
+            audio_loader=DatasetAudio(dataset, row_index, audio_column, where, base),
+            **parse_transcripts(row, where, duration, chosen_column, rejected_column, kind="column"),
+        ))
+    logger.info("%s: %d rows", label, len(samples))
+    return samples
