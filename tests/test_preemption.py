@@ -16,19 +16,9 @@ from conftest import ROOT, write_manifest
 import orpo.trainer as trainer
 from orpo.config import TrainConfig
 from orpo.trainer import StopSignal
-from trainer_helpers import read_metrics, save_short_window_whisper
+from trainer_helpers import manifest, model_dir, read_metrics, save_short_window_whisper  # noqa: F401 (fixtures)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_short_window_whisper(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_manifest(tmp_path_factory.mktemp("data"), count=4)
 
 
 def wait_for_first_step(process: subprocess.Popen, output_dir: Path, timeout: float = 300) -> None:

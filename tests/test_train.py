@@ -1,11 +1,11 @@
 """Training end to end on a tiny random Whisper: it learns the preference, saves, and reloads."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_manifest
+from trainer_helpers import read_metrics
 from safetensors.torch import load_file
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
@@ -28,10 +28,6 @@ def preference_metrics(model_dir: Path, manifest: Path, alpha: float = 1.0) -> d
         _, per_clip = orpo_loss(out["logps_chosen"], out["logps_rejected"], out["rejected_mask"],
                                 out["nll_chosen"], alpha)
     return {name: values.mean().item() for name, values in per_clip.items()}
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

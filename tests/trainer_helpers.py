@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import save_tiny_whisper
+import pytest
+from conftest import save_tiny_whisper, write_manifest
 
 # Clips of the test manifests are 1 s long: a 2 s input window (100 encoder positions instead of Whisper's
 # 1500) makes every training step several times cheaper and changes nothing the trainer does.
@@ -25,3 +26,15 @@ def save_short_window_whisper(path: Path, seed: int = 0, **overrides) -> Path:
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A short-window tiny Whisper, shared by the tests of one module."""
+    return save_short_window_whisper(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Four 1 s clips with chosen/rejected pairs, shared by the tests of one module."""
+    return write_manifest(tmp_path_factory.mktemp("data"), count=4)
