@@ -9,9 +9,9 @@ transcript of ``--tokens`` tokens and a rejected one 3 tokens shorter, after the
 each setting every variant runs on identical inputs, in alternating order, ``--repeats`` times; the
 median is reported. Measured per variant:
 
-* activation memory: bytes kept for backward (parameters excluded), through saved-tensor hooks
-  (``orpo.recompute.observe_saved_tensors``); on CPU also the bytes still allocated after the forward
-  (torch profiler, an independent count that also sees what checkpointing closures hold); on CUDA
+* activation memory: bytes kept for backward (parameters and inputs excluded), through saved-tensor
+  hooks (``orpo.recompute.observe_saved_tensors``); with ``--profile-memory`` on CPU also the bytes
+  still allocated after the forward (torch profiler, an independent count); on CUDA
   ``torch.cuda.max_memory_allocated`` over the step;
 * step time: forward + backward;
 * the loss, which must equal the reference's.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import json
 import platform
@@ -109,7 +110,7 @@ def forward(model, batch: dict, variant: str) -> torch.Tensor:
     return loss
 
 
-def measure(model, batch: dict, variant: str, device: str) -> dict:
+def measure(model, batch: dict, variant: str, device: str, profile_memory: bool) -> dict:
     """Activation memory, step time and loss of one variant, one repeat."""
     result = {}
     with variant_settings(model, variant):
@@ -119,7 +120,7 @@ def measure(model, batch: dict, variant: str, device: str) -> dict:
         result["saved_bytes"] = saved.total
         result["loss"] = loss.item()
         del loss
-        if device == "cpu":
+        if device == "cpu" and profile_memory:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
                 loss = forward(model, batch, variant)
             result["retained_bytes"] = sum(e.self_cpu_memory_usage for e in prof.events())
@@ -141,7 +142,7 @@ def measure(model, batch: dict, variant: str, device: str) -> dict:
 
 
 def run_setting(model, size: str, batch_size: int, tokens: int, variants: list[str], repeats: int, device: str,
-                dtype: torch.dtype) -> dict:
+                dtype: torch.dtype, profile_memory: bool) -> dict:
     mels = SHAPES[size][4]
     batch = build_batch(batch_size, tokens, mels, device, dtype, seed=batch_size * 1000 + tokens)
     forward(model, batch, "one-pass").backward()  # warm-up
@@ -150,7 +151,7 @@ def run_setting(model, size: str, batch_size: int, tokens: int, variants: list[s
     for repeat in range(repeats):
         order = variants if repeat % 2 == 0 else list(reversed(variants))
         for variant in order:
-            runs[variant].append(measure(model, batch, variant, device))
+            runs[variant].append(measure(model, batch, variant, device, profile_memory))
     summary = {}
     for variant, results in runs.items():
         summary[variant] = {key: statistics.median(r[key] for r in results) for key in results[0]}
@@ -181,7 +182,16 @@ def ratio_table(size: str, batch_size: int, tokens: int, summary: dict) -> tuple
     return rows, ratios
 
 
+def return_freed_memory_to_the_system() -> None:
+    """glibc keeps freed activation-sized blocks in its heap, so the process grows run after run (seen: 13 GB
+    for whisper-small at batch 1). Serving large blocks with mmap returns them at once."""
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
 def main() -> None:
+    return_freed_memory_to_the_system()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", nargs="+", default=["small"], choices=sorted(SHAPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4])
@@ -191,6 +201,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--profile-memory", action="store_true",
+                        help="CPU: also count the bytes still allocated after the forward with the torch profiler "
+                             "(an independent check of the hook count; slow and memory-hungry)")
     parser.add_argument("--write-results", action="store_true", help="write bench/RESULTS.md")
     args = parser.parse_args()
     if args.threads:
@@ -199,9 +212,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     header = ["model", "batch", "tokens", "variant", "saved MiB", "× two-pass"]
-    if args.device == "cpu":
+    if args.device == "cpu" and args.profile_memory:
         header += ["retained MiB", "× two-pass"]
-    else:
+    elif args.device != "cpu":
         header += ["CUDA peak MiB", "× two-pass"]
     header += ["step s", "× two-pass", "loss rel diff"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -210,7 +223,8 @@ def main() -> None:
         model = build_model(size, args.device, dtype)
         for tokens in args.tokens:
             for batch_size in args.batch:
-                summary = run_setting(model, size, batch_size, tokens, variants, args.repeats, args.device, dtype)
+                summary = run_setting(model, size, batch_size, tokens, variants, args.repeats, args.device, dtype,
+                                      args.profile_memory)
                 new_rows, ratios = ratio_table(size, batch_size, tokens, summary)
                 rows += new_rows
                 all_ratios.update(ratios)

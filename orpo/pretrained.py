@@ -74,6 +74,8 @@ def apply_peft(whisper, cfg: TrainConfig, total_steps: int):
         return whisper
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
+    from orpo.distributed import param_numel, peft_model_kwargs
+
     common = {"lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
               "target_modules": cfg.lora_target_modules}
     if cfg.peft == "lora":
@@ -90,9 +92,9 @@ def apply_peft(whisper, cfg: TrainConfig, total_steps: int):
                               f"the optimizer steps ({total_steps}) minus adalora_tfinal ({tfinal})")
         peft_config = AdaLoraConfig(init_r=cfg.lora_r, target_r=target_r, total_step=total_steps,
                                     tinit=tinit, tfinal=tfinal, **common)
-    whisper = get_peft_model(whisper, peft_config)
-    trainable = sum(p.numel() for p in whisper.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in whisper.parameters())
+    whisper = get_peft_model(whisper, peft_config, **peft_model_kwargs())
+    trainable = sum(param_numel(p) for p in whisper.parameters() if p.requires_grad)
+    total = sum(param_numel(p) for p in whisper.parameters())
     logger.info("%s adapters: %d trainable of %d parameters (%.2f%%)", cfg.peft, trainable, total,
                 100 * trainable / total)
     return whisper

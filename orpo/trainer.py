@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shlex
 import shutil
 import signal
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import WhisperConfig, get_scheduler
@@ -28,6 +27,9 @@ from orpo.checkpoint import (PREFIX, TMP_PREFIX, CheckpointError, check_checkpoi
 from orpo.config import TrainConfig, config_to_dict
 from orpo.data import PreferenceCollator, WhisperTokens, build_dataset
 from orpo.evaluate import WerEvaluator, format_comparison, logged_base_results, write_eval_results
+from orpo.distributed import (accelerator_device_kwargs, check_deepspeed_checkpoint_files, check_launch_config,
+                              consolidated_whisper, fill_deepspeed_config, launch_prefix, param_ndim,
+                              uses_deepspeed, whole_model_loading)
 from orpo.loss import orpo_loss
 from orpo.plots import plot_training_curves
 from orpo.model import ORPOWhisper, freeze_encoder
@@ -40,17 +42,14 @@ logger = logging.getLogger("orpo")
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Without CUDA, ``cpu=True`` and gloo give real DDP across processes (not independent copies)."""
-    cpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=cpu,
+        **accelerator_device_kwargs(),  # cpu=True + gloo for DDP without CUDA; DeepSpeed: cpu=False + gloo
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.report_to or None,
         project_dir=cfg.output_dir,
         # The shuffling order of epoch e depends on seed + e only: a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else [],
     )
 
 
@@ -71,8 +70,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if param_ndim(p) >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if param_ndim(p) < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon)
@@ -185,7 +184,7 @@ def resume_command(output_dir: Path, num_processes: int) -> str:
     """The command that continues this run from its latest checkpoint (the resolved recipe is in output_dir)."""
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("train.py") else "train.py"
     # Several processes: add the launch options of the first run (--config_file, --num_machines, ...) as needed.
-    launcher = "python" if num_processes == 1 else f"accelerate launch --multi_gpu --num_processes {num_processes}"
+    launcher = launch_prefix(num_processes)  # DeepSpeed runs resume under DeepSpeed, with the same config file
     return (f"{launcher} {shlex.quote(script)} --config {shlex.quote(str(output_dir / 'config.yaml'))} "
             "--resume_from_checkpoint latest")
 
@@ -250,6 +249,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     """Run ORPO training as configured; returns the final evaluation metrics (empty without test_data, and when
     SIGTERM/SIGINT stopped the run: it then saves a checkpoint and says how to resume)."""
     check_hardware(cfg)
+    check_launch_config(cfg)  # recipe versus accelerate/DeepSpeed launch config, before any weights load
     accelerator = make_accelerator(cfg)
     output_dir = Path(cfg.output_dir)
     resume_dir = None
@@ -258,6 +258,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         check_checkpoint_files(resume_dir, accelerator.num_processes, 1 + (cfg.peft == "adalora"),
                                scaler=accelerator.scaler is not None,
                                weights=accelerator.distributed_type.value not in ("DEEPSPEED", "FSDP"))
+        if uses_deepspeed():  # the engine's files: one optimizer shard per process
+            check_deepspeed_checkpoint_files(resume_dir, accelerator.num_processes, 1 + (cfg.peft == "adalora"))
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +318,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_
         resumed = read_trainer_state(resume_dir)
         check_position_settings(resume_dir, resumed, settings)
 
-    whisper = load_whisper(cfg, accelerator.local_process_index)
+    with whole_model_loading(accelerator):  # ZeRO-3: DeepSpeed partitions the model in prepare
+        whisper = load_whisper(cfg, accelerator.local_process_index)
     whisper = apply_peft(whisper, cfg, total_steps)
     if cfg.freeze_encoder:
         freeze_encoder(whisper)
@@ -327,6 +330,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_
             if type(module).__name__ in ("WhisperEncoder", "WhisperDecoder"):
                 module.compile()
     optimizer = make_optimizer(model, cfg)
+    fill_deepspeed_config(accelerator, cfg, model_config)  # DeepSpeed "auto" values from the recipe
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if test_loader is not None:
         test_loader = accelerator.prepare(test_loader)
@@ -529,8 +533,9 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path, resume_
             if base_results:
                 logger.info("base vs tuned on %s:\n%s", cfg.test_data, format_comparison(base_results, results))
     accelerator.wait_for_everyone()
+    final_whisper = consolidated_whisper(accelerator, model)  # every process: ZeRO-3 gathers the weights
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model).whisper, processor, output_dir)
+        save_final_model(final_whisper, processor, output_dir)
         plot_training_curves(output_dir)
     accelerator.end_training()
     return results
