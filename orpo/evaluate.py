@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from orpo.data import PreferenceDataset, language_code
+from orpo.distributed import generation_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -176,16 +177,6 @@ def _restore_training_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
         module.training = training
 
 
-def _is_zero3(accelerator) -> bool:
-    """DeepSpeed ZeRO-3: weights are partitioned, so every rank must run every decoding step (synced_gpus)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
-    if plugin is None:
-        return False
-    config = getattr(plugin, "deepspeed_config", None) or {}
-    stage = config.get("zero_optimization", {}).get("stage", getattr(plugin, "zero_stage", 0))
-    return int(stage or 0) == 3
-
-
 def generate_transcripts(model: torch.nn.Module, loader, accelerator, tokenizer, num_beams: int = 1,
                          max_length: int = 225, desc: str = "generate") -> dict[int, str]:
     """Transcribe every clip of ``loader`` (a prepared :func:`make_generation_loader`); ``{index: text}``.
@@ -229,7 +220,7 @@ def generate_transcripts(model: torch.nn.Module, loader, accelerator, tokenizer,
                     attention_mask=torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=device),
                     decoder_input_ids=prefix,
                     generation_config=generation_config,
-                    synced_gpus=_is_zero3(accelerator) and accelerator.num_processes > 1,
+                    **generation_kwargs(accelerator),  # synced_gpus under multi-process ZeRO-3
                 )
                 if not isinstance(sequences, torch.Tensor):
                     sequences = sequences.sequences
