@@ -21,16 +21,23 @@ from transformers import WhisperConfig, WhisperProcessor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orpo.data import PreferenceDataset, WhisperTokens, read_manifest  # noqa: E402
-from orpo.pretrained import is_multilingual  # noqa: E402
-from orpo.sampling import LengthGroupedSampler, packed_lengths, padding_fraction  # noqa: E402
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest  # noqa: E402
+from orpo.data.sampling import LengthGroupedSampler, packed_lengths, padding_fraction  # noqa: E402
+from orpo.data.tokens import (
+    WhisperTokens,
+    is_multilingual,  # noqa: E402
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT / "examples/demo/train.jsonl"))
-    parser.add_argument("--model", default=str(ROOT / "tests/fixtures/whisper_tokenizer"),
-                        help="model or tokenizer directory (default: the multilingual tokenizer fixture)")
+    parser.add_argument(
+        "--model",
+        default=str(ROOT / "tests/fixtures/whisper_tokenizer"),
+        help="model or tokenizer directory (default: the multilingual tokenizer fixture)",
+    )
     parser.add_argument("--language", default="English")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=20)
@@ -46,13 +53,16 @@ def main() -> None:
     random_order, grouped_order = [], []
     for epoch in range(args.epochs):
         generator = torch.Generator().manual_seed(epoch)
-        random_order.append(padding_fraction(lengths, torch.randperm(len(lengths), generator=generator).tolist(),
-                                             args.batch))
+        random_order.append(
+            padding_fraction(lengths, torch.randperm(len(lengths), generator=generator).tolist(), args.batch)
+        )
         sampler = LengthGroupedSampler(lengths, args.batch, seed=0)
         sampler.set_epoch(epoch)
         grouped_order.append(padding_fraction(lengths, list(sampler), args.batch))
-    print(f"{args.data}: {len(lengths)} clips, packed row lengths {min(lengths)}-{max(lengths)} tokens, "
-          f"batch {args.batch}, {args.epochs} epochs")
+    print(
+        f"{args.data}: {len(lengths)} clips, packed row lengths {min(lengths)}-{max(lengths)} tokens, "
+        f"batch {args.batch}, {args.epochs} epochs"
+    )
     print(f"padding fraction, random order:         {statistics.mean(random_order):.1%}")
     print(f"padding fraction, group_by_length: true: {statistics.mean(grouped_order):.1%}")
 

@@ -38,10 +38,11 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orpo.data import PreferenceCollator  # noqa: E402
+from orpo.data.collate import PreferenceCollator  # noqa: E402
 from orpo.loss import orpo_loss  # noqa: E402
-from orpo.model import ORPOWhisper, two_pass_forward  # noqa: E402
-from orpo.recompute import SavedBytes, observe_saved_tensors  # noqa: E402
+from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.model.recompute import SavedBytes, observe_saved_tensors  # noqa: E402
+from orpo.model.reference import two_pass_forward  # noqa: E402
 
 SHAPES = {  # d_model, layers, heads, ffn, mel bins, vocabulary
     "tiny": (384, 4, 6, 1536, 80, 51865),
@@ -51,16 +52,33 @@ SHAPES = {  # d_model, layers, heads, ffn, mel bins, vocabulary
     "large-v3": (1280, 32, 20, 5120, 128, 51866),
 }
 EOT, SOT, EN, TRANSCRIBE, NO_TIMESTAMPS = 50257, 50258, 50259, 50359, 50363
-VARIANTS = ["two-pass", "one-pass", "one-pass+selective", "one-pass+freeze_encoder", "one-pass+checkpointing",
-            "two-pass+checkpointing"]
+VARIANTS = [
+    "two-pass",
+    "one-pass",
+    "one-pass+selective",
+    "one-pass+freeze_encoder",
+    "one-pass+checkpointing",
+    "two-pass+checkpointing",
+]
 
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> WhisperForConditionalGeneration:
     d_model, layers, heads, ffn, mels, vocab = SHAPES[size]
-    config = WhisperConfig(vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-                           encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
-                           decoder_ffn_dim=ffn, num_mel_bins=mels, dropout=0.0, attention_dropout=0.0,
-                           activation_dropout=0.0, attn_implementation="sdpa")
+    config = WhisperConfig(
+        vocab_size=vocab,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        num_mel_bins=mels,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return WhisperForConditionalGeneration(config).to(device=device, dtype=dtype).train()
 
@@ -74,8 +92,9 @@ def build_batch(batch_size: int, tokens: int, mels: int, device: str, dtype: tor
         for length in (tokens, tokens - 3):
             text = torch.randint(0, 50256, (length,), generator=gen).tolist()
             segments.append((prefix + text + [EOT], len(prefix)))
-        clips.append({"input_features": torch.randn(mels, 3000, generator=gen).numpy(), "segments": segments,
-                      "index": index})
+        clips.append(
+            {"input_features": torch.randn(mels, 3000, generator=gen).numpy(), "segments": segments, "index": index}
+        )
     batch = PreferenceCollator(pad_token_id=EOT)(clips)
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["input_features"] = batch["input_features"].to(dtype)
@@ -141,8 +160,17 @@ def measure(model, batch: dict, variant: str, device: str, profile_memory: bool)
     return result
 
 
-def run_setting(model, size: str, batch_size: int, tokens: int, variants: list[str], repeats: int, device: str,
-                dtype: torch.dtype, profile_memory: bool) -> dict:
+def run_setting(
+    model,
+    size: str,
+    batch_size: int,
+    tokens: int,
+    variants: list[str],
+    repeats: int,
+    device: str,
+    dtype: torch.dtype,
+    profile_memory: bool,
+) -> dict:
     mels = SHAPES[size][4]
     batch = build_batch(batch_size, tokens, mels, device, dtype, seed=batch_size * 1000 + tokens)
     forward(model, batch, "one-pass").backward()  # warm-up
@@ -201,9 +229,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    parser.add_argument("--profile-memory", action="store_true",
-                        help="CPU: also count the bytes still allocated after the forward with the torch profiler "
-                             "(an independent check of the hook count; slow and memory-hungry)")
+    parser.add_argument(
+        "--profile-memory",
+        action="store_true",
+        help="CPU: also count the bytes still allocated after the forward with the torch profiler "
+        "(an independent check of the hook count; slow and memory-hungry)",
+    )
     parser.add_argument("--write-results", action="store_true", help="write bench/RESULTS.md")
     args = parser.parse_args()
     if args.threads:
@@ -223,8 +254,9 @@ def main() -> None:
         model = build_model(size, args.device, dtype)
         for tokens in args.tokens:
             for batch_size in args.batch:
-                summary = run_setting(model, size, batch_size, tokens, variants, args.repeats, args.device, dtype,
-                                      args.profile_memory)
+                summary = run_setting(
+                    model, size, batch_size, tokens, variants, args.repeats, args.device, dtype, args.profile_memory
+                )
                 new_rows, ratios = ratio_table(size, batch_size, tokens, summary)
                 rows += new_rows
                 all_ratios.update(ratios)
@@ -246,8 +278,10 @@ def machine() -> str:
 def write_results(table: str, args) -> None:
     path = Path(__file__).resolve().parent / "RESULTS.md"
     command = "python bench/step.py " + " ".join(sys.argv[1:])
-    section = (f"## {datetime.date.today().isoformat()}: {machine()}, torch {torch.__version__}, {args.dtype}\n\n"
-               f"`{command}`\n\n{table}\n")
+    section = (
+        f"## {datetime.date.today().isoformat()}: {machine()}, torch {torch.__version__}, {args.dtype}\n\n"
+        f"`{command}`\n\n{table}\n"
+    )
     previous = path.read_text() if path.exists() else "# Benchmark results\n\n"
     path.write_text(previous.rstrip() + "\n\n" + section)
 

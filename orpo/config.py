@@ -1,9 +1,13 @@
-"""Typed training configuration: a YAML recipe, overridden by ``--key value`` on the command line.
+"""Typed configuration for every command: a YAML file, overridden by ``--key value`` on the command line.
 
-Every key is a field of :class:`TrainConfig` with a type, a default and a help text. Problems in a
-recipe or on the command line (unknown key, wrong type, value out of range) raise
-:class:`ConfigError` naming the key, where it came from and the closest valid key, before any model
-is loaded.
+Each command's keys are the fields of one dataclass here (:class:`TrainConfig` for training, and the
+small configs of ``evaluate``, ``make-pairs``, ``export``, ``plot`` and ``memory``), each with a type,
+a default and a help text. Problems in a file or on the command line (unknown key, wrong type, value out
+of range, a required key missing) raise :class:`~orpo.errors.ConfigError` naming the key, where it came
+from (file and line, or "command line") and the closest valid key, before any model is loaded.
+
+Where each value came from (default, file, command line) is worked out once, in :func:`parse_args`,
+and kept on the config (:meth:`Config.origin`) for the checks that name it later.
 """
 
 from __future__ import annotations
@@ -18,18 +22,15 @@ from typing import Optional
 
 import yaml
 
+from orpo.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe or command-line value that cannot be used; ``key`` names the offending key when known."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
+DEFAULT = "default"
+COMMAND_LINE = "command line"
 
 
-def _key(default, help: str, choices=None):
-    """A config field with its help text (and allowed values) kept beside it."""
-    metadata = {"help": help}
+def _key(default, help: str, choices=None, required: bool = False, positional: bool = False):
+    """A config field with its help text (allowed values, whether it must be given) kept beside it."""
+    metadata = {"help": help, "required": required, "positional": positional}
     if choices is not None:
         metadata["choices"] = choices
     if isinstance(default, list):
@@ -37,8 +38,36 @@ def _key(default, help: str, choices=None):
     return field(default=default, metadata=metadata)
 
 
+class Config:
+    """Base of every command's config: range checks after construction, and where each value came from."""
+
+    def __post_init__(self) -> None:
+        self.check()
+        for f in config_fields(type(self)):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}", key=f.name)
+
+    def check(self) -> None:
+        """Range checks that a type alone cannot express (none by default)."""
+
+    def source(self, key: str) -> str:
+        """Where ``key`` was set: a file path, "command line", or "default"."""
+        return getattr(self, "_sources", {}).get(key, DEFAULT)
+
+    def origin(self, key: str) -> str:
+        """``source`` as a message names it: "command line (--key)", "recipe PATH" or "recipe defaults"."""
+        where = self.source(key)
+        if where == COMMAND_LINE:
+            return f"command line (--{key})"
+        return "recipe defaults" if where == DEFAULT else f"recipe {where}"
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
+    """The recipe of a training run (``python train.py --config RECIPE``)."""
+
     # Model and language
     base_model: str = _key("openai/whisper-small", "Hub id or local directory of the Whisper model to tune.")
     language: Optional[str] = _key(
@@ -108,14 +137,21 @@ class TrainConfig:
     # Efficiency
     mixed_precision: str = _key("no", "Autocast precision.", choices=("no", "fp16", "bf16"))
     load_in_8bit: bool = _key(False, "Load the base model in 8-bit through bitsandbytes (CUDA only; needs peft).")
-    load_in_4bit: bool = _key(False, "Load the base model in 4-bit NF4 through bitsandbytes (QLoRA; CUDA only; needs peft).")
+    load_in_4bit: bool = _key(
+        False, "Load the base model in 4-bit NF4 through bitsandbytes (QLoRA; CUDA only; needs peft)."
+    )
     torch_compile: bool = _key(False, "Compile the model with torch.compile.")
-    gradient_checkpointing: bool = _key(False, "Recompute each layer's activations in backward (least memory, ~1.3x time).")
+    gradient_checkpointing: bool = _key(
+        False, "Recompute each layer's activations in backward (least memory, ~1.3x time)."
+    )
     selective_recompute: bool = _key(
-        False, "Recompute LayerNorm and GELU outputs in backward instead of keeping them (no matrix product "
-        "is recomputed; exact).")
+        False,
+        "Recompute LayerNorm and GELU outputs in backward instead of keeping them (no matrix product "
+        "is recomputed; exact).",
+    )
     freeze_encoder: bool = _key(
-        False, "Do not train the encoder; it then runs without keeping activations for backward.")
+        False, "Do not train the encoder; it then runs without keeping activations for backward."
+    )
     group_by_length: bool = _key(False, "Batch clips of similar transcript length together to cut decoder padding.")
 
     # PEFT
@@ -126,73 +162,238 @@ class TrainConfig:
     lora_target_modules: list[str] = _key(
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "Module names that get adapters."
     )
-    adalora_target_r: Optional[int] = _key(None, "AdaLoRA: average rank per module after pruning (None: lora_r // 4, at least 1).")
-    adalora_tinit: Optional[int] = _key(None, "AdaLoRA: optimizer steps before ranks start to shrink (None: a tenth of the steps, at most 200).")
-    adalora_tfinal: Optional[int] = _key(None, "AdaLoRA: final optimizer steps with ranks fixed (None: a fifth of the steps, at most 500).")
+    adalora_target_r: Optional[int] = _key(
+        None, "AdaLoRA: average rank per module after pruning (None: lora_r // 4, at least 1)."
+    )
+    adalora_tinit: Optional[int] = _key(
+        None, "AdaLoRA: optimizer steps before ranks start to shrink (None: a tenth of the steps, at most 200)."
+    )
+    adalora_tfinal: Optional[int] = _key(
+        None, "AdaLoRA: final optimizer steps with ranks fixed (None: a fifth of the steps, at most 500)."
+    )
 
     # Checkpoints and logging
     resume_from_checkpoint: Optional[str] = _key(None, "Checkpoint directory to resume from, or 'latest'.")
     logging_steps: int = _key(10, "Log metrics every N optimizer steps.")
     eval_steps: int = _key(0, "Evaluate every N optimizer steps (0: only at the end).")
     eval_before_train: bool = _key(
-        False, "Evaluate the base model before training, so the log and eval_results.json show base versus tuned.")
+        False, "Evaluate the base model before training, so the log and eval_results.json show base versus tuned."
+    )
     generation_num_beams: int = _key(1, "Beam width of the transcripts generated for eval WER/CER (1: greedy).")
     generation_max_length: int = _key(
-        225, "Most decoder tokens of a generated eval transcript, prefix included (capped at the model's limit).")
+        225, "Most decoder tokens of a generated eval transcript, prefix included (capped at the model's limit)."
+    )
     save_steps: int = _key(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _key(2, "Keep at most this many checkpoints (0: keep all); the newest is never deleted.")
-    max_nonfinite_steps: int = _key(5, "Stop the run after this many optimizer steps in a row with a NaN/Inf loss (each is skipped).")
-    report_to: list[str] = _key(["tensorboard"], "Experiment trackers for Accelerate (tensorboard, wandb, mlflow; none for no tracker).")
+    max_nonfinite_steps: int = _key(
+        5, "Stop the run after this many optimizer steps in a row with a NaN/Inf loss (each is skipped)."
+    )
+    report_to: list[str] = _key(
+        ["tensorboard"], "Experiment trackers for Accelerate (tensorboard, wandb, mlflow; none for no tracker)."
+    )
 
-    def __post_init__(self) -> None:
-        _check_values(self)
+    def check(self) -> None:
+        positive = (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "lora_r",
+            "max_nonfinite_steps",
+            "generation_num_beams",
+            "generation_max_length",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        non_negative = (
+            "learning_rate",
+            "warmup_steps",
+            "max_grad_norm",
+            "weight_decay",
+            "alpha",
+            "eval_steps",
+            "save_steps",
+            "num_workers",
+            "min_audio_len",
+            "lora_dropout",
+            "save_total_limit",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", key=name)
+        if self.max_audio_len <= self.min_audio_len:
+            raise ConfigError(
+                f"max_audio_len ({self.max_audio_len}) must be above min_audio_len ({self.min_audio_len})",
+                key="max_audio_len",
+            )
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
+        for name in self.report_to:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"report_to: unknown tracker {name!r}; use some of {', '.join(TRACKERS)}, "
+                    f"or none for no tracker.{hint}",
+                    key="report_to",
+                )
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ConfigError("load_in_8bit and load_in_4bit cannot both be true", key="load_in_4bit")
+        for name in ("load_in_8bit", "load_in_4bit"):
+            if getattr(self, name) and self.peft == "none":
+                raise ConfigError(
+                    f"{name} trains adapters on frozen quantised weights: set peft to lora or adalora", key=name
+                )
+        for name, least in (("adalora_target_r", 1), ("adalora_tinit", 0), ("adalora_tfinal", 0)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}", key=name)
 
 
 # Experiment trackers that Accelerate knows (report_to); a name outside this list is a ConfigError.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(TrainConfig))
+# --------------------------------------------------------------------------------------------------
+# The other commands' configs
 
 
-def _check_values(cfg: TrainConfig) -> None:
-    """Range checks that a type alone cannot express."""
-    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "lora_r", "max_nonfinite_steps", "generation_num_beams", "generation_max_length")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}", key=name)
-    non_negative = ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay", "alpha", "eval_steps",
-                    "save_steps", "num_workers", "min_audio_len", "lora_dropout", "save_total_limit")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}", key=name)
-    if cfg.max_audio_len <= cfg.min_audio_len:
-        raise ConfigError(f"max_audio_len ({cfg.max_audio_len}) must be above min_audio_len ({cfg.min_audio_len})",
-                          key="max_audio_len")
-    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
-        raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
-    for name in cfg.report_to:
-        if name not in TRACKERS:
-            close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"report_to: unknown tracker {name!r}; use some of {', '.join(TRACKERS)}, "
-                              f"or none for no tracker.{hint}", key="report_to")
-    if cfg.load_in_8bit and cfg.load_in_4bit:
-        raise ConfigError("load_in_8bit and load_in_4bit cannot both be true", key="load_in_4bit")
-    for name in ("load_in_8bit", "load_in_4bit"):
-        if getattr(cfg, name) and cfg.peft == "none":
-            raise ConfigError(f"{name} trains adapters on frozen quantised weights: set peft to lora or adalora",
-                              key=name)
-    for name, least in (("adalora_target_r", 1), ("adalora_tinit", 0), ("adalora_tfinal", 0)):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
-            raise ConfigError(f"{name} must be >= {least}, got {getattr(cfg, name)}", key=name)
-    for f in config_fields():
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(cfg, f.name)!r}",
-                              key=f.name)
+@dataclass
+class EvaluateConfig(Config):
+    """``whisper-orpo evaluate``: WER/CER and preference metrics of a model on a preference set."""
+
+    model: Optional[str] = _key(
+        None,
+        "A model directory (Hugging Face format), a PEFT adapter directory "
+        "(adapter_config.json) or a training checkpoint directory.",
+        required=True,
+    )
+    data: Optional[str] = _key(
+        None,
+        "Manifest (JSON Lines or JSON array) with chosen/rejected, or a Hugging Face "
+        "dataset (save_to_disk directory or load_dataset name; columns as in the run's "
+        "config.yaml).",
+        required=True,
+    )
+    split: str = _key("test", "Split of a Hugging Face dataset.")
+    base_model: Optional[str] = _key(
+        None,
+        "Base model of an adapter or checkpoint directory (None: the adapter's "
+        "own record, else the run's config.yaml).",
+    )
+    language: Optional[str] = _key(
+        None,
+        "Default language of the clips; a clip's own 'language' wins (None: the "
+        "run's config.yaml). Ignored by English-only models.",
+    )
+    task: Optional[str] = _key(
+        None, "Whisper task token (None: the run's config.yaml, else transcribe).", choices=("transcribe", "translate")
+    )
+    num_beams: int = _key(1, "Beam width of the generated transcripts (1: greedy).")
+    max_length: int = _key(225, "Most decoder tokens per generated transcript, prefix included.")
+    batch_size: int = _key(8, "Clips per batch (per process).")
+    alpha: Optional[float] = _key(
+        None, "ORPO alpha of the preference metrics (None: the run's config.yaml, else 0.1, the training default)."
+    )
+    max_audio_len: float = _key(30.0, "Leave out clips longer than this many seconds.")
+    out: Optional[str] = _key(None, "JSON file for the metrics and per-clip transcripts (None: none written).")
+
+    def check(self) -> None:
+        for name, least in (("num_beams", 1), ("batch_size", 1), ("max_length", 2)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}", key=name)
+
+
+@dataclass
+class MakePairsConfig(Config):
+    """``whisper-orpo make-pairs``: preference pairs from a plain ASR manifest and a model's n-best lists."""
+
+    model: Optional[str] = _key(None, "Whisper model directory or hub id (the base model).", required=True)
+    data: Optional[str] = _key(None, "ASR manifest with 'text' (or 'sentence') per clip.", required=True)
+    out: Optional[str] = _key(None, "Output preference manifest (JSON Lines); rerun to resume.", required=True)
+    num_beams: int = _key(5, "Beam size = length of the n-best list.")
+    num_rejected: int = _key(1, "Keep up to K distinct wrong hypotheses per clip (a list when K > 1).")
+    batch_size: int = _key(8, "Clips decoded at a time.")
+    language: Optional[str] = _key(None, "Language of clips without a 'language' field (multilingual models).")
+    task: str = _key("transcribe", "Whisper task token.", choices=("transcribe", "translate"))
+    max_new_tokens: Optional[int] = _key(None, "Longest hypothesis in tokens (None: as long as the decoder allows).")
+    device: Optional[str] = _key(None, "Torch device (None: cuda if available, else cpu).")
+
+    def check(self) -> None:
+        for name in ("num_beams", "num_rejected", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        if self.num_beams < self.num_rejected:
+            raise ConfigError(
+                f"num_beams ({self.num_beams}) must be at least num_rejected ({self.num_rejected}): "
+                "the wrong hypotheses come from the n-best list",
+                key="num_beams",
+            )
+
+
+CT2_QUANTIZATIONS = ("int8", "float16", "int8_float16", "int8_float32", "int8_bfloat16", "bfloat16", "float32")
+
+
+@dataclass
+class ExportConfig(Config):
+    """``whisper-orpo export``: a merged Hugging Face model, and optionally a CTranslate2 one."""
+
+    checkpoint: Optional[str] = _key(
+        None, "A final output_dir, a PEFT adapter directory or a checkpoint-STEP directory.", required=True
+    )
+    out: Optional[str] = _key(None, "Directory for the merged Hugging Face model.", required=True)
+    base_model: Optional[str] = _key(
+        None,
+        "Base model of an adapter or state-dict checkpoint (None: the run's config.yaml or the adapter's own record).",
+    )
+    ct2: Optional[str] = _key(
+        None, "Also write a CTranslate2 model with this quantization (needs ctranslate2).", choices=CT2_QUANTIZATIONS
+    )
+    ct2_out: Optional[str] = _key(None, "Directory for the CTranslate2 model (None: OUT_ct2).")
+    language: Optional[str] = _key(
+        None, "Language of the check transcription for multilingual models (None: the run's config.yaml, else English)."
+    )
+    check_audio: Optional[str] = _key(
+        None, "Audio file for the CTranslate2 check transcription (None: a 2 s synthetic tone)."
+    )
+    check_max_length: int = _key(128, "Most decoder tokens of the check transcription.")
+    overwrite: bool = _key(False, "Replace OUT (and the CTranslate2 folder) if they exist.")
+
+    def check(self) -> None:
+        if self.check_max_length < 2:
+            raise ConfigError(f"check_max_length must be >= 2, got {self.check_max_length}", key="check_max_length")
+
+
+@dataclass
+class PlotConfig(Config):
+    """``whisper-orpo plot``: training_curves.png of a run from its metrics.jsonl."""
+
+    output_dir: Optional[str] = _key(
+        None, "The run's output_dir (holding metrics.jsonl).", required=True, positional=True
+    )
+
+
+@dataclass
+class MemoryConfig(Config):
+    """``whisper-orpo memory``: model-state memory per GPU of each launch configuration."""
+
+    memory: list[str] = _key(
+        ["tiny", "base", "small", "medium", "large-v3", "large-v3-turbo"],
+        "Model names or parameter counts such as 1.55e9.",
+    )
+    gpus: int = _key(8, "GPUs (processes) in the run.")
+
+    def check(self) -> None:
+        if self.gpus < 1:
+            raise ConfigError(f"gpus must be >= 1, got {self.gpus}", key="gpus")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files and command lines into configs
+
+
+def config_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
 
 
 def _base_type(tp):
@@ -204,14 +405,43 @@ def _base_type(tp):
     return tp, optional
 
 
-_TYPE_HINTS = typing.get_type_hints(TrainConfig)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def coerce(name: str, value, where: str):
+def _coerce_scalar(tp, value, fail):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise fail("true or false")
+    if tp in (int, float):
+        expected = "an integer" if tp is int else "a number"
+        if isinstance(value, bool):
+            raise fail(expected)
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)  # PyYAML reads "1e-5" as a string
+            except ValueError:
+                raise fail(expected) from None
+        raise fail(expected)
+    if tp is str:
+        if isinstance(value, bool):
+            raise fail("a string (YAML reads yes/no/on/off/true/false as booleans: quote the value)")
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise fail("a string")
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def coerce(name: str, value, where: str, cls: type = TrainConfig):
     """Convert ``value`` (from YAML or a command-line string) to the declared type of ``name``."""
-    tp, optional = _base_type(_TYPE_HINTS[name])
+    tp, optional = _base_type(typing.get_type_hints(cls)[name])
 
     def fail(expected: str):
         return ConfigError(f"{where}: key '{name}' expects {expected}, got {value!r}")
@@ -223,60 +453,24 @@ def coerce(name: str, value, where: str):
         return None
     if value is None:
         raise fail(tp.__name__ if isinstance(tp, type) else str(tp))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise fail("true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise fail("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise fail("an integer") from None
-        raise fail("an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise fail("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # PyYAML reads "1e-5" as a string
-            except ValueError:
-                raise fail("a number") from None
-        raise fail("a number")
-    if tp is str:
-        if isinstance(value, bool):
-            raise fail("a string (YAML reads yes/no/on/off/true/false as booleans: quote the value)")
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise fail("a string")
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise fail("a list of strings (YAML list, or comma-separated on the command line)")
-    raise TypeError(f"unsupported config type for {name}: {tp}")
+    return _coerce_scalar(tp, value, fail)
 
 
-def _unknown_key_error(key: str, where: str) -> ConfigError:
-    names = [f.name for f in config_fields()]
+def _unknown_key_error(key: str, where: str, cls: type, prog: str) -> ConfigError:
+    names = [f.name for f in config_fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else " Run 'python train.py --help' for the list of keys."
+    hint = f" Did you mean '{close[0]}'?" if close else f" Run '{prog} --help' for the list of keys."
     return ConfigError(f"{where}: unknown key '{key}'.{hint}")
 
 
-def read_recipe(path: str | Path) -> dict:
-    """Read a YAML recipe into ``{key: value}``, checking every key and type against TrainConfig."""
+def read_recipe(path: str | Path, cls: type = TrainConfig, prog: str = "python train.py") -> dict:
+    """Read a YAML file into ``{key: value}``, checking every key and type against ``cls``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
@@ -294,58 +488,84 @@ def read_recipe(path: str | Path) -> dict:
     for key_node, _ in root.value:
         line = key_node.start_mark.line + 1
         if key_node.value in lines:
-            raise ConfigError(f"{path}:{line}: key '{key_node.value}' is set twice (first on line {lines[key_node.value]})")
+            raise ConfigError(
+                f"{path}:{line}: key '{key_node.value}' is set twice (first on line {lines[key_node.value]})"
+            )
         lines[key_node.value] = line
-    names = {f.name for f in config_fields()}
+    names = {f.name for f in config_fields(cls)}
     values = {}
     for key, value in data.items():
         where = f"{path}:{lines.get(key, '?')}"
         if key not in names:
-            raise _unknown_key_error(str(key), where)
-        values[key] = coerce(key, value, where)
+            raise _unknown_key_error(str(key), where, cls, prog)
+        values[key] = coerce(key, value, where, cls)
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _default_text(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return ", ".join(default) if isinstance(default, list) else str(default)
+
+
+def build_parser(cls: type = TrainConfig, prog: str | None = None) -> argparse.ArgumentParser:
+    """``--config FILE`` and one ``--key VALUE`` per field of ``cls``, each with its help and default."""
     parser = argparse.ArgumentParser(
-        description="Preference-tune Whisper with ORPO. Every recipe key can be overridden as --key value.",
+        prog=prog,
+        description=(cls.__doc__ or "").strip() + " Every key can be set in a YAML file (--config) or as --key value.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML recipe, e.g. recipes/demo.yaml")
-    for f in config_fields():
-        tp, _ = _base_type(_TYPE_HINTS[f.name])
+    parser.add_argument("--config", help="YAML file of keys, e.g. recipes/demo.yaml")
+    for f in config_fields(cls):
+        tp, _ = _base_type(typing.get_type_hints(cls)[f.name])
         kind = "LIST" if typing.get_origin(tp) is list else tp.__name__.upper()
         choices = f.metadata.get("choices")
         help_text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        default = ",".join(f.default_factory()) if f.default is dataclasses.MISSING else f.default
-        parser.add_argument(f"--{f.name}", metavar=kind, default=argparse.SUPPRESS,
-                            help=f"{help_text} (default: {default})")
+        help_text += " (required)" if f.metadata.get("required") else f" (default: {_default_text(f)})"
+        # A bare boolean flag (--overwrite) means true.
+        extra = {"nargs": "?", "const": "true"} if tp is bool else {}
+        parser.add_argument(f"--{f.name}", metavar=kind, default=argparse.SUPPRESS, help=help_text, **extra)
+        if f.metadata.get("positional"):
+            parser.add_argument(
+                f"{f.name}_positional",
+                nargs="?",
+                metavar=f.name.upper(),
+                default=argparse.SUPPRESS,
+                help=f"same as --{f.name}",
+            )
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the recipe given by --config, then --key value overrides."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, cls: type = TrainConfig, prog: str = "python train.py"):
+    """Defaults, then the file given by --config, then --key value overrides; where each came from is kept."""
+    parser = build_parser(cls, prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
         if flag.startswith("--"):
-            raise _unknown_key_error(flag[2:].split("=")[0], "command line")
-        raise ConfigError(f"command line: unexpected argument {flag!r}; use --key value")
+            raise _unknown_key_error(flag[2:].split("=")[0], COMMAND_LINE, cls, prog)
+        raise ConfigError(f"{COMMAND_LINE}: unexpected argument {flag!r}; use --key value")
     recipe = getattr(args, "config", None)
-    values = read_recipe(recipe) if recipe else {}
-    sources = {name: recipe for name in values}
+    values = read_recipe(recipe, cls, prog) if recipe else {}
+    sources = {name: str(recipe) for name in values}
     for name, raw in vars(args).items():
         if name != "config":
-            values[name] = coerce(name, raw, "command line")
-            sources[name] = "command line"
+            name = name.removesuffix("_positional")
+            values[name] = coerce(name, raw, COMMAND_LINE, cls)
+            sources[name] = COMMAND_LINE
+    missing = [f.name for f in config_fields(cls) if f.metadata.get("required") and values.get(f.name) is None]
+    if missing:
+        raise ConfigError(
+            f"{COMMAND_LINE}: key '{missing[0]}' is required: give --{missing[0]} VALUE (see '{prog} --help')",
+            key=missing[0],
+        )
     try:
-        return TrainConfig(**values)
+        cfg = cls(**values)
     except ConfigError as err:
-        origin = sources.get(err.key, "default") if err.key else None
+        origin = sources.get(err.key, DEFAULT) if err.key else None
         raise ConfigError(f"{origin}: {err}" if origin else str(err)) from None
+    cfg._sources = sources
+    return cfg
 
 
-def config_to_dict(cfg: TrainConfig) -> dict:
+def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)

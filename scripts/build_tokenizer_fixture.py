@@ -69,8 +69,18 @@ SAMPLE_TEXTS = [
 def download_tiktoken_file(workdir: Path) -> Path:
     """Fetch the openai-whisper sdist with pip and extract multilingual.tiktoken."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         WHISPER_SDIST, "-d", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            WHISPER_SDIST,
+            "-d",
+            str(workdir),
+        ],
         check=True,
     )
     (sdist,) = workdir.glob("openai_whisper-*.tar.gz")
@@ -137,8 +147,11 @@ def tiktoken_encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
     """The reference encoding, built exactly like whisper.tokenizer.get_encoding."""
     specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS + TIMESTAMP_TOKENS)}
     return tiktoken.Encoding(
-        name="multilingual", pat_str=PAT_STR, mergeable_ranks=ranks,
-        special_tokens=specials, explicit_n_vocab=VOCAB_SIZE,
+        name="multilingual",
+        pat_str=PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens=specials,
+        explicit_n_vocab=VOCAB_SIZE,
     )
 
 

@@ -36,11 +36,22 @@ def tiny_whisper_config(vocab_size: int = 51865, **overrides):
 
     english_only = vocab_size < 51865
     settings = dict(
-        vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-        max_source_positions=1500, max_target_positions=448, dropout=0.0, attention_dropout=0.0,
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=448,
+        dropout=0.0,
+        attention_dropout=0.0,
         activation_dropout=0.0,
-        pad_token_id=50256 if english_only else 50257, bos_token_id=50256 if english_only else 50257,
+        pad_token_id=50256 if english_only else 50257,
+        bos_token_id=50256 if english_only else 50257,
         eos_token_id=50256 if english_only else 50257,
         decoder_start_token_id=50257 if english_only else 50258,
     )
@@ -84,8 +95,9 @@ def write_clip(path: Path, seconds: float, seed: int, sample_rate: int = 16000, 
     return path
 
 
-def write_manifest(folder: Path, count: int = 8, name: str = "train.jsonl", language: str | None = "English",
-                   seconds: float = 1.0) -> Path:
+def write_manifest(
+    folder: Path, count: int = 8, name: str = "train.jsonl", language: str | None = "English", seconds: float = 1.0
+) -> Path:
     """``count`` clips with chosen/rejected pairs from SENTENCES, as JSON Lines with relative paths."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "audio").mkdir(exist_ok=True)
@@ -93,8 +105,7 @@ def write_manifest(folder: Path, count: int = 8, name: str = "train.jsonl", lang
     for i in range(count):
         clip = write_clip(folder / "audio" / f"{name}-{i}.wav", seconds, seed=i)
         chosen, rejected = SENTENCES[i % len(SENTENCES)]
-        record = {"audio": {"path": f"audio/{clip.name}"}, "duration": seconds, "chosen": chosen,
-                  "rejected": rejected}
+        record = {"audio": {"path": f"audio/{clip.name}"}, "duration": seconds, "chosen": chosen, "rejected": rejected}
         if language is not None:
             record["language"] = language
         lines.append(json.dumps(record))

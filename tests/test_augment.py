@@ -10,9 +10,12 @@ import pytest
 import soundfile as sf
 from conftest import write_manifest
 
-from orpo.augment import AugmentConfigError, Augmenter, read_augment_config
-from orpo.config import ConfigError, TrainConfig
-from orpo.data import PreferenceDataset, WhisperTokens, build_dataset, load_audio
+from orpo.config import TrainConfig
+from orpo.data.audio import load_audio
+from orpo.data.augment import Augmenter, read_augment_config
+from orpo.data.dataset import PreferenceDataset, build_dataset
+from orpo.data.tokens import WhisperTokens
+from orpo.errors import AugmentConfigError, ConfigError
 
 RATE = 16000
 
@@ -133,9 +136,13 @@ def test_probability_zero_leaves_audio_untouched_and_half_applies_about_half(tmp
 
 
 def test_same_seed_index_and_epoch_give_the_same_audio(tmp_path):
-    settings = {"speed": {"p": 0.7, "factor": [0.9, 1.1]}, "pitch": {"p": 0.5, "semitones": [-1, 1]},
-                "shift": {"p": 0.5, "seconds": [0, 0.2]}, "gain": {"p": 0.8, "db": [-3, 3]},
-                "noise": {"p": 1.0, "snr_db": [10, 30]}}
+    settings = {
+        "speed": {"p": 0.7, "factor": [0.9, 1.1]},
+        "pitch": {"p": 0.5, "semitones": [-1, 1]},
+        "shift": {"p": 0.5, "seconds": [0, 0.2]},
+        "gain": {"p": 0.8, "db": [-3, 3]},
+        "noise": {"p": 1.0, "snr_db": [10, 30]},
+    }
     clean = sine()
     a, b = augmenter(tmp_path, settings, seed=7), augmenter(tmp_path, settings, seed=7, name="copy.yaml")
     first = a(clean, 3, 1)
@@ -163,10 +170,17 @@ def test_augmenter_pickles_for_dataloader_workers(tmp_path):
     noises = tmp_path / "noises"
     noises.mkdir()
     sf.write(str(noises / "n.wav"), (0.1 * np.random.default_rng(0).standard_normal(RATE)).astype(np.float32), RATE)
-    aug = augmenter(tmp_path, {"speed": {"p": 1, "factor": [0.9, 1.1]}, "shift": {"p": 1, "seconds": [0, 0.2]},
-                               "pitch": {"p": 1, "semitones": [-1, 1]}, "gain": {"p": 1, "db": [-3, 3]},
-                               "noise": {"p": 1, "snr_db": [10, 20]},
-                               "background_noise": {"p": 1, "snr_db": [10, 20], "folder": "noises"}})
+    aug = augmenter(
+        tmp_path,
+        {
+            "speed": {"p": 1, "factor": [0.9, 1.1]},
+            "shift": {"p": 1, "seconds": [0, 0.2]},
+            "pitch": {"p": 1, "semitones": [-1, 1]},
+            "gain": {"p": 1, "db": [-3, 3]},
+            "noise": {"p": 1, "snr_db": [10, 20]},
+            "background_noise": {"p": 1, "snr_db": [10, 20], "folder": "noises"},
+        },
+    )
     copy = pickle.loads(pickle.dumps(aug))
     clean = sine()
     np.testing.assert_array_equal(copy(clean, 5, 2), aug(clean, 5, 2))
@@ -176,25 +190,28 @@ def test_augmenter_pickles_for_dataloader_workers(tmp_path):
 # Configuration errors
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"reverb": {"p": 0.5}}, "unknown augmentation 'reverb'"),
-    ({"nosie": {"p": 0.5, "snr_db": [1, 2]}}, "Did you mean 'noise'?"),
-    ({"speed": {"p": 0.5, "factor": [0.9, 1.1], "facter": 1}}, "key 'speed.facter' is unknown"),
-    ({"speed": {"p": 0.5}}, "key 'speed.factor' is missing"),
-    ({"gain": {"db": [1, 2]}}, "key 'gain.p' is missing"),
-    ({"gain": {"p": 1.5, "db": [1, 2]}}, "key 'gain.p' must be a probability in [0, 1]"),
-    ({"gain": {"p": True, "db": [1, 2]}}, "key 'gain.p' must be a probability"),
-    ({"gain": {"p": 0.5, "db": [6, -6]}}, "key 'gain.db': low 6.0 is above high -6.0"),
-    ({"gain": {"p": 0.5, "db": [1, 2, 3]}}, "key 'gain.db' must be a range [low, high]"),
-    ({"gain": {"p": 0.5, "db": "loud"}}, "key 'gain.db' must be a range [low, high]"),
-    ({"speed": {"p": 0.5, "factor": [0, 1.1]}}, "key 'speed.factor': [0.0, 1.1] is outside (0.0, 4.0]"),
-    ({"pitch": {"p": 0.5, "semitones": [-30, 0]}}, "key 'pitch.semitones'"),
-    ({"shift": {"p": 0.5, "seconds": [0, 40]}}, "key 'shift.seconds'"),
-    ({"background_noise": {"p": 0.5, "snr_db": [1, 2], "folder": "nowhere"}}, "key 'background_noise.folder'"),
-    ({"gain": [1, 2]}, "key 'gain' must be a mapping"),
-    ([1, 2], "expected a mapping of effect: settings"),
-    ({}, "expected a mapping of effect: settings"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"reverb": {"p": 0.5}}, "unknown augmentation 'reverb'"),
+        ({"nosie": {"p": 0.5, "snr_db": [1, 2]}}, "Did you mean 'noise'?"),
+        ({"speed": {"p": 0.5, "factor": [0.9, 1.1], "facter": 1}}, "key 'speed.facter' is unknown"),
+        ({"speed": {"p": 0.5}}, "key 'speed.factor' is missing"),
+        ({"gain": {"db": [1, 2]}}, "key 'gain.p' is missing"),
+        ({"gain": {"p": 1.5, "db": [1, 2]}}, "key 'gain.p' must be a probability in [0, 1]"),
+        ({"gain": {"p": True, "db": [1, 2]}}, "key 'gain.p' must be a probability"),
+        ({"gain": {"p": 0.5, "db": [6, -6]}}, "key 'gain.db': low 6.0 is above high -6.0"),
+        ({"gain": {"p": 0.5, "db": [1, 2, 3]}}, "key 'gain.db' must be a range [low, high]"),
+        ({"gain": {"p": 0.5, "db": "loud"}}, "key 'gain.db' must be a range [low, high]"),
+        ({"speed": {"p": 0.5, "factor": [0, 1.1]}}, "key 'speed.factor': [0.0, 1.1] is outside (0.0, 4.0]"),
+        ({"pitch": {"p": 0.5, "semitones": [-30, 0]}}, "key 'pitch.semitones'"),
+        ({"shift": {"p": 0.5, "seconds": [0, 40]}}, "key 'shift.seconds'"),
+        ({"background_noise": {"p": 0.5, "snr_db": [1, 2], "folder": "nowhere"}}, "key 'background_noise.folder'"),
+        ({"gain": [1, 2]}, "key 'gain' must be a mapping"),
+        ([1, 2], "expected a mapping of effect: settings"),
+        ({}, "expected a mapping of effect: settings"),
+    ],
+)
 def test_bad_config_names_file_and_key(tmp_path, settings, message):
     path = tmp_path / "aug.json"
     path.write_text(json.dumps(settings))
@@ -248,8 +265,9 @@ def test_only_training_data_is_augmented(tmp_path, processor):
     assert train.augment is not None and test.augment is None
 
     def plain_features(sample):
-        return processor.feature_extractor(load_audio(sample.audio_path), sampling_rate=RATE,
-                                           return_tensors="np").input_features[0]
+        return processor.feature_extractor(
+            load_audio(sample.audio_path), sampling_rate=RATE, return_tensors="np"
+        ).input_features[0]
 
     for i in range(3):
         clean = plain_features(test.items[i].sample)

@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import write_manifest
 from safetensors.torch import load_file, save_file
-
-import orpo.trainer as trainer
-from orpo.checkpoint import (CheckpointError, complete_checkpoints, finalize_checkpoint, resolve_checkpoint,
-                             rotate_checkpoints)
-from orpo.config import TrainConfig
-from orpo.trainer import train
 from trainer_helpers import read_metrics, save_short_window_whisper
+
+from orpo.config import TrainConfig
+from orpo.errors import CheckpointError
+from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.train.checkpoint import complete_checkpoints, finalize_checkpoint, resolve_checkpoint, rotate_checkpoints
+from orpo.train.loop import train
 
 TOLERANCE = 1e-6
 STEPS = 6
@@ -29,17 +29,18 @@ STOP_AFTER = 3  # with 5 clips, batch 2, 2 micro-batches per step: 2 steps per e
 
 
 def send_signal_during_micro_batch(monkeypatch, micro_batch: int, signum=signal.SIGTERM) -> None:
-    """SIGTERM arrives while micro-batch number ``micro_batch`` (1-based) is in the forward pass."""
+    """SIGTERM arrives while training micro-batch number ``micro_batch`` (1-based) is in the forward pass."""
     calls = {"n": 0}
-    real_loss = trainer.orpo_loss
+    real_forward = ORPOWhisper.forward
 
-    def loss_then_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == micro_batch:
-            signal.raise_signal(signum)
-        return real_loss(*args, **kwargs)
+    def forward_then_signal(self, batch):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == micro_batch:
+                signal.raise_signal(signum)
+        return real_forward(self, batch)
 
-    monkeypatch.setattr(trainer, "orpo_loss", loss_then_signal)
+    monkeypatch.setattr(ORPOWhisper, "forward", forward_then_signal)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,22 @@ def data(tmp_path_factory) -> Path:
 
 
 def config(model: Path, manifest: Path, output_dir: Path, **overrides) -> TrainConfig:
-    settings = dict(base_model=str(model), train_data=str(manifest), output_dir=str(output_dir), learning_rate=1e-3,
-                    max_steps=STEPS, warmup_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                    logging_steps=1, report_to=[], seed=5, lora_r=4, lora_alpha=8, lora_dropout=0.1)
+    settings = dict(
+        base_model=str(model),
+        train_data=str(manifest),
+        output_dir=str(output_dir),
+        learning_rate=1e-3,
+        max_steps=STEPS,
+        warmup_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        report_to=[],
+        seed=5,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -170,8 +184,11 @@ def test_latest_without_a_checkpoint_is_a_clear_error(plain_model, data, tmp_pat
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         train(cfg)
     (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)  # a save cut short: no trainer_state.json
-    with pytest.raises(CheckpointError, match=r"no complete checkpoint \(incomplete, without trainer_state.json: "
-                                              r"checkpoint-4\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no complete checkpoint \(incomplete, without trainer_state.json: "
+        r"checkpoint-4\)",
+    ):
         train(cfg)
 
 
@@ -241,8 +258,15 @@ def test_rotation_keeps_the_newest_and_at_most_the_limit(tmp_path):
 
 
 def test_save_steps_writes_rotated_checkpoints(plain_model, data, tmp_path):
-    cfg = config(plain_model, data, tmp_path / "out", max_steps=5, gradient_accumulation_steps=1, save_steps=2,
-                 save_total_limit=1)
+    cfg = config(
+        plain_model,
+        data,
+        tmp_path / "out",
+        max_steps=5,
+        gradient_accumulation_steps=1,
+        save_steps=2,
+        save_total_limit=1,
+    )
     train(cfg)
     found = complete_checkpoints(tmp_path / "out")
     assert [step for step, _ in found] == [4]

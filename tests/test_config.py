@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orpo.config import ConfigError, TrainConfig, coerce, parse_args, read_recipe
+from orpo.config import TrainConfig, coerce, parse_args, read_recipe
+from orpo.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
@@ -49,8 +50,9 @@ def test_unknown_recipe_key_via_parse_args(tmp_path):
     assert "'per_device_train_batch_size'" in message
 
 
-@pytest.mark.parametrize("argv", [["--learning_rat", "1e-4"], ["--learning_rat=1e-4"],
-                                  ["--seed", "3", "--learning_rat", "1e-4"]])
+@pytest.mark.parametrize(
+    "argv", [["--learning_rat", "1e-4"], ["--learning_rat=1e-4"], ["--seed", "3", "--learning_rat", "1e-4"]]
+)
 def test_unknown_command_line_key_names_key_and_closest_key(argv):
     with pytest.raises(ConfigError) as err:
         parse_args(argv)
@@ -78,17 +80,20 @@ def test_stray_positional_argument_is_an_error():
 # Types
 
 
-@pytest.mark.parametrize("line, key", [
-    ("per_device_train_batch_size: four", "per_device_train_batch_size"),
-    ("per_device_train_batch_size: 2.5", "per_device_train_batch_size"),
-    ("alpha: [1]", "alpha"),
-    ("alpha: true", "alpha"),
-    ("gradient_checkpointing: maybe", "gradient_checkpointing"),
-    ("seed: null", "seed"),
-    ("task: [transcribe]", "task"),
-    ("lora_target_modules: {q_proj: 1}", "lora_target_modules"),
-    ("lora_target_modules: [q_proj, 3]", "lora_target_modules"),
-])
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ("per_device_train_batch_size: four", "per_device_train_batch_size"),
+        ("per_device_train_batch_size: 2.5", "per_device_train_batch_size"),
+        ("alpha: [1]", "alpha"),
+        ("alpha: true", "alpha"),
+        ("gradient_checkpointing: maybe", "gradient_checkpointing"),
+        ("seed: null", "seed"),
+        ("task: [transcribe]", "task"),
+        ("lora_target_modules: {q_proj: 1}", "lora_target_modules"),
+        ("lora_target_modules: [q_proj, 3]", "lora_target_modules"),
+    ],
+)
 def test_wrong_type_in_recipe_names_key_and_file_line(tmp_path, line, key):
     recipe = write_recipe(tmp_path, f"seed: 1\n{line}\n")
     with pytest.raises(ConfigError) as err:
@@ -98,12 +103,15 @@ def test_wrong_type_in_recipe_names_key_and_file_line(tmp_path, line, key):
     assert f"{recipe}:2" in message
 
 
-@pytest.mark.parametrize("argv, key", [
-    (["--per_device_train_batch_size", "four"], "per_device_train_batch_size"),
-    (["--gradient_checkpointing", "maybe"], "gradient_checkpointing"),
-    (["--learning_rate", "fast"], "learning_rate"),
-    (["--seed", "none"], "seed"),
-])
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--per_device_train_batch_size", "four"], "per_device_train_batch_size"),
+        (["--gradient_checkpointing", "maybe"], "gradient_checkpointing"),
+        (["--learning_rate", "fast"], "learning_rate"),
+        (["--seed", "none"], "seed"),
+    ],
+)
 def test_wrong_type_on_command_line_names_key(argv, key):
     with pytest.raises(ConfigError) as err:
         parse_args(argv)
@@ -123,17 +131,25 @@ def test_scientific_learning_rate_read_as_string_by_yaml_is_a_float(tmp_path):
 
 
 def test_recipe_values_get_declared_types(tmp_path):
-    recipe = write_recipe(tmp_path, "num_train_epochs: 3\nmax_steps: 100.0\ngradient_checkpointing: yes\n"
-                                    "timestamps: 'off'\nbase_model: 123\n")
+    recipe = write_recipe(
+        tmp_path,
+        "num_train_epochs: 3\nmax_steps: 100.0\ngradient_checkpointing: yes\ntimestamps: 'off'\nbase_model: 123\n",
+    )
     values = read_recipe(recipe)
-    assert values == {"num_train_epochs": 3.0, "max_steps": 100, "gradient_checkpointing": True,
-                      "timestamps": False, "base_model": "123"}
+    assert values == {
+        "num_train_epochs": 3.0,
+        "max_steps": 100,
+        "gradient_checkpointing": True,
+        "timestamps": False,
+        "base_model": "123",
+    }
     assert type(values["num_train_epochs"]) is float
     assert type(values["max_steps"]) is int
 
 
-@pytest.mark.parametrize("raw, expected", [("true", True), ("False", False), ("yes", True), ("0", False),
-                                           ("on", True), ("off", False)])
+@pytest.mark.parametrize(
+    "raw, expected", [("true", True), ("False", False), ("yes", True), ("0", False), ("on", True), ("off", False)]
+)
 def test_command_line_booleans(raw, expected):
     assert parse_args(["--gradient_checkpointing", raw]).gradient_checkpointing is expected
 
@@ -179,8 +195,11 @@ def test_list_keys_from_command_line_and_recipe(tmp_path):
     cfg = parse_args(["--lora_target_modules", "q_proj,v_proj", "--report_to", "wandb"])
     assert cfg.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.report_to == ["wandb"]
-    assert parse_args(["--lora_target_modules", "q_proj, v_proj ,fc1"]).lora_target_modules == ["q_proj", "v_proj",
-                                                                                                  "fc1"]
+    assert parse_args(["--lora_target_modules", "q_proj, v_proj ,fc1"]).lora_target_modules == [
+        "q_proj",
+        "v_proj",
+        "fc1",
+    ]
     recipe = write_recipe(tmp_path, "lora_target_modules: [fc1, fc2]\nreport_to: []\n")
     cfg = parse_args(["--config", str(recipe)])
     assert cfg.lora_target_modules == ["fc1", "fc2"]
@@ -200,12 +219,15 @@ def test_none_for_optional_keys(tmp_path):
 # Choices and ranges
 
 
-@pytest.mark.parametrize("argv, key", [
-    (["--peft", "qlora"], "peft"),
-    (["--task", "transcribee"], "task"),
-    (["--mixed_precision", "fp32"], "mixed_precision"),
-    (["--lr_scheduler_type", "exponential"], "lr_scheduler_type"),
-])
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--peft", "qlora"], "peft"),
+        (["--task", "transcribee"], "task"),
+        (["--mixed_precision", "fp32"], "mixed_precision"),
+        (["--lr_scheduler_type", "exponential"], "lr_scheduler_type"),
+    ],
+)
 def test_choices_are_enforced(argv, key):
     with pytest.raises(ConfigError) as err:
         parse_args(argv)
@@ -214,27 +236,35 @@ def test_choices_are_enforced(argv, key):
 
 
 def test_choices_accept_valid_values(tmp_path):
-    cfg = parse_args(["--peft", "adalora", "--task", "translate", "--mixed_precision", "bf16",
-                      "--lr_scheduler_type", "cosine"])
-    assert (cfg.peft, cfg.task, cfg.mixed_precision, cfg.lr_scheduler_type) == ("adalora", "translate", "bf16",
-                                                                                "cosine")
+    cfg = parse_args(
+        ["--peft", "adalora", "--task", "translate", "--mixed_precision", "bf16", "--lr_scheduler_type", "cosine"]
+    )
+    assert (cfg.peft, cfg.task, cfg.mixed_precision, cfg.lr_scheduler_type) == (
+        "adalora",
+        "translate",
+        "bf16",
+        "cosine",
+    )
     recipe = write_recipe(tmp_path, "peft: qlora\n")
     with pytest.raises(ConfigError, match="peft"):
         parse_args(["--config", str(recipe)])
 
 
-@pytest.mark.parametrize("argv, key", [
-    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
-    (["--per_device_eval_batch_size", "-1"], "per_device_eval_batch_size"),
-    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
-    (["--lora_r", "0"], "lora_r"),
-    (["--warmup_steps", "-5"], "warmup_steps"),
-    (["--alpha=-0.1"], "alpha"),
-    (["--min_audio_len=-1"], "min_audio_len"),
-    (["--max_audio_len", "1", "--min_audio_len", "2"], "max_audio_len"),
-    (["--max_audio_len", "5", "--min_audio_len", "5"], "max_audio_len"),
-    (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--per_device_eval_batch_size", "-1"], "per_device_eval_batch_size"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--lora_r", "0"], "lora_r"),
+        (["--warmup_steps", "-5"], "warmup_steps"),
+        (["--alpha=-0.1"], "alpha"),
+        (["--min_audio_len=-1"], "min_audio_len"),
+        (["--max_audio_len", "1", "--min_audio_len", "2"], "max_audio_len"),
+        (["--max_audio_len", "5", "--min_audio_len", "5"], "max_audio_len"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs"),
+    ],
+)
 def test_range_checks(argv, key):
     with pytest.raises(ConfigError) as err:
         parse_args(argv)
@@ -242,8 +272,22 @@ def test_range_checks(argv, key):
 
 
 def test_range_edges_that_are_allowed():
-    cfg = parse_args(["--per_device_train_batch_size", "1", "--min_audio_len", "0", "--max_audio_len", "0.1",
-                      "--alpha", "0", "--max_steps", "10", "--num_train_epochs", "0"])
+    cfg = parse_args(
+        [
+            "--per_device_train_batch_size",
+            "1",
+            "--min_audio_len",
+            "0",
+            "--max_audio_len",
+            "0.1",
+            "--alpha",
+            "0",
+            "--max_steps",
+            "10",
+            "--num_train_epochs",
+            "0",
+        ]
+    )
     assert (cfg.per_device_train_batch_size, cfg.min_audio_len, cfg.max_audio_len) == (1, 0.0, 0.1)
     assert cfg.max_steps == 10
 
@@ -294,14 +338,27 @@ def train_py(tmp_path_factory):
     """`train.py --help` and `train.py --config <bad recipe>`, run side by side (each imports torch)."""
     folder = tmp_path_factory.mktemp("train_py")
     out_dir = folder / "out"
-    recipe = write_recipe(folder, f"base_model: {folder / 'no-such-model'}\noutput_dir: {out_dir}\n"
-                                  "seed: 1\nlearning_rat: 1e-4\n")
+    recipe = write_recipe(
+        folder, f"base_model: {folder / 'no-such-model'}\noutput_dir: {out_dir}\nseed: 1\nlearning_rat: 1e-4\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="100", PYTHONUNBUFFERED="1")
     procs = {
-        "help": subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-        "bad_key": subprocess.Popen([sys.executable, "train.py", "--config", str(recipe)], cwd=ROOT, env=env,
-                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        "help": subprocess.Popen(
+            [sys.executable, "train.py", "--help"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ),
+        "bad_key": subprocess.Popen(
+            [sys.executable, "train.py", "--config", str(recipe)],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ),
     }
     results = {}
     for name, proc in procs.items():

@@ -11,18 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import write_clip, write_manifest
-from orpo.data import (
-    IGNORE_INDEX,
-    ManifestError,
-    PreferenceCollator,
-    PreferenceDataset,
-    WhisperTokens,
-    load_audio,
-    pack_segments,
-    read_manifest,
-)
+
+from orpo.data.audio import load_audio
+from orpo.data.collate import IGNORE_INDEX, PreferenceCollator, pack_segments
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest
+from orpo.data.tokens import WhisperTokens
+from orpo.errors import ManifestError
 
 # Ids of the multilingual (pre-v3) Whisper vocabulary, as pinned by tests/test_tokenizer_fixture.py.
 EOT, SOT = 50257, 50258
@@ -44,13 +40,20 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def make_tokens(processor, multilingual=True, task="transcribe", timestamps=False, max_length=448) -> WhisperTokens:
-    return WhisperTokens(processor.tokenizer, multilingual=multilingual, task=task, timestamps=timestamps,
-                         max_length=max_length)
+    return WhisperTokens(
+        processor.tokenizer, multilingual=multilingual, task=task, timestamps=timestamps, max_length=max_length
+    )
 
 
 def make_dataset(processor, samples, default_language="English", min_len=0.0, max_len=30.0, **token_kwargs):
-    return PreferenceDataset(samples, processor.feature_extractor, make_tokens(processor, **token_kwargs),
-                             default_language=default_language, min_len=min_len, max_len=max_len)
+    return PreferenceDataset(
+        samples,
+        processor.feature_extractor,
+        make_tokens(processor, **token_kwargs),
+        default_language=default_language,
+        min_len=min_len,
+        max_len=max_len,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,11 +66,14 @@ def test_json_lines_manifest(tmp_path, monkeypatch):
     (folder / "clips").mkdir()
     write_clip(folder / "clips" / "a.wav", 1.0, seed=0)
     write_clip(folder / "clips" / "b.wav", 2.0, seed=1)
-    manifest = write_lines(folder / "train.jsonl", [
-        json.dumps(record("clips/a.wav", chosen=" good one ", rejected="bad one", duration=1.0)),
-        "",
-        json.dumps(record("clips/b.wav", rejected=["bad two", "worse two"], language=...)),
-    ])
+    manifest = write_lines(
+        folder / "train.jsonl",
+        [
+            json.dumps(record("clips/a.wav", chosen=" good one ", rejected="bad one", duration=1.0)),
+            "",
+            json.dumps(record("clips/b.wav", rejected=["bad two", "worse two"], language=...)),
+        ],
+    )
     monkeypatch.chdir(tmp_path)  # relative audio paths must resolve against the manifest's folder, not the cwd
     samples = read_manifest(manifest)
     assert len(samples) == 2
@@ -84,8 +90,9 @@ def test_relative_manifest_path_resolves_audio_against_its_folder(tmp_path, monk
     write_manifest(tmp_path / "sub", count=2)
     monkeypatch.chdir(tmp_path)
     samples = read_manifest("sub/train.jsonl")
-    assert [s.audio_path.resolve() for s in samples] == [tmp_path / "sub" / "audio" / f"train.jsonl-{i}.wav"
-                                                          for i in range(2)]
+    assert [s.audio_path.resolve() for s in samples] == [
+        tmp_path / "sub" / "audio" / f"train.jsonl-{i}.wav" for i in range(2)
+    ]
 
 
 def test_json_array_manifest_over_several_lines(tmp_path, monkeypatch):
@@ -94,19 +101,19 @@ def test_json_array_manifest_over_several_lines(tmp_path, monkeypatch):
     write_clip(folder / "a.wav", 1.0, seed=0)
     write_clip(folder / "b.wav", 1.5, seed=1)
     text = (
-        "[\n"                                    # 1
-        "  {\n"                                  # 2
-        '    "audio": {"path": "a.wav"},\n'      # 3
-        '    "chosen": "first",\n'               # 4
-        '    "rejected": "frist"\n'              # 5
-        "  },\n"                                 # 6
-        "\n"                                     # 7
-        "  {\n"                                  # 8
-        '    "audio": {"path": "b.wav"},\n'      # 9
-        '    "chosen": "second",\n'              # 10
-        '    "rejected": ["secnd", "sekond"],\n' # 11
-        '    "language": "zh"\n'                 # 12
-        "  }\n"                                  # 13
+        "[\n"  # 1
+        "  {\n"  # 2
+        '    "audio": {"path": "a.wav"},\n'  # 3
+        '    "chosen": "first",\n'  # 4
+        '    "rejected": "frist"\n'  # 5
+        "  },\n"  # 6
+        "\n"  # 7
+        "  {\n"  # 8
+        '    "audio": {"path": "b.wav"},\n'  # 9
+        '    "chosen": "second",\n'  # 10
+        '    "rejected": ["secnd", "sekond"],\n'  # 11
+        '    "language": "zh"\n'  # 12
+        "  }\n"  # 13
         "]\n"
     )
     manifest = folder / "train.json"
@@ -159,26 +166,29 @@ def test_empty_manifest_and_missing_manifest(tmp_path):
 GOOD = record()
 
 
-@pytest.mark.parametrize("bad_line, field", [
-    ('{"audio": {"path": "a.wav"}, "chosen": "x",', None),
-    ("not json at all", None),
-    (json.dumps(record(chosen=...)), "'chosen'"),
-    (json.dumps(record(chosen="   ")), "'chosen'"),
-    (json.dumps(record(chosen=3)), "'chosen'"),
-    (json.dumps(record(rejected=...)), "'rejected'"),
-    (json.dumps(record(rejected="")), "'rejected'"),
-    (json.dumps(record(rejected=[])), "'rejected'"),
-    (json.dumps(record(rejected=["fine", ""])), "'rejected[1]'"),
-    (json.dumps(record(rejected=["fine", "  "])), "'rejected[1]'"),
-    (json.dumps(record(rejected=["fine", None])), "'rejected[1]'"),
-    (json.dumps(record(audio="missing.wav")), "'audio.path'"),
-    (json.dumps(record(audio="x.wav")), "'audio.path'"),  # garbage bytes
-    (json.dumps(record(audio="")), "'audio.path'"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "audio"}), "'audio.path'"),
-    (json.dumps(record(language="Klingon")), "'language'"),
-    (json.dumps(record(language=7)), "'language'"),
-    ("[1, 2]", None),
-])
+@pytest.mark.parametrize(
+    "bad_line, field",
+    [
+        ('{"audio": {"path": "a.wav"}, "chosen": "x",', None),
+        ("not json at all", None),
+        (json.dumps(record(chosen=...)), "'chosen'"),
+        (json.dumps(record(chosen="   ")), "'chosen'"),
+        (json.dumps(record(chosen=3)), "'chosen'"),
+        (json.dumps(record(rejected=...)), "'rejected'"),
+        (json.dumps(record(rejected="")), "'rejected'"),
+        (json.dumps(record(rejected=[])), "'rejected'"),
+        (json.dumps(record(rejected=["fine", ""])), "'rejected[1]'"),
+        (json.dumps(record(rejected=["fine", "  "])), "'rejected[1]'"),
+        (json.dumps(record(rejected=["fine", None])), "'rejected[1]'"),
+        (json.dumps(record(audio="missing.wav")), "'audio.path'"),
+        (json.dumps(record(audio="x.wav")), "'audio.path'"),  # garbage bytes
+        (json.dumps(record(audio="")), "'audio.path'"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "audio"}), "'audio.path'"),
+        (json.dumps(record(language="Klingon")), "'language'"),
+        (json.dumps(record(language=7)), "'language'"),
+        ("[1, 2]", None),
+    ],
+)
 def test_bad_manifest_line_names_file_line_and_field(tmp_path, bad_line, field):
     write_clip(tmp_path / "a.wav", 1.0, seed=0)
     (tmp_path / "x.wav").write_bytes(b"RIFF\x00\x01garbage, not audio at all" * 20)
@@ -216,8 +226,13 @@ def test_unknown_language_is_named(tmp_path):
 def test_json_lines_with_unicode_line_separator_in_a_transcript(tmp_path):
     write_clip(tmp_path / "a.wav", 1.0, seed=0)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps(record(chosen="one\u2028two"), ensure_ascii=False) + "\n"
-                        + json.dumps(record(chosen="three"), ensure_ascii=False) + "\n", encoding="utf-8")
+    manifest.write_text(
+        json.dumps(record(chosen="one\u2028two"), ensure_ascii=False)
+        + "\n"
+        + json.dumps(record(chosen="three"), ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
     samples = read_manifest(manifest)
     assert [s.source for s in samples] == [f"{manifest}:1", f"{manifest}:2"]
 
@@ -292,7 +307,7 @@ def test_dataset_drops_clips_outside_length_range_and_logs_it(tmp_path, processo
     ds = make_dataset(processor, samples, min_len=0.5, max_len=3.0)
     assert len(ds) == 4 and ds.dropped == 3
     assert [item.sample.audio_path.name for item in ds.items] == ["c1.wav", "c2.wav", "c3.wav", "c4.wav"]
-    messages = [r.getMessage() for r in caplog.records if r.name == "orpo.data"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("orpo.data")]
     assert any("dropped 3 of 7" in m for m in messages), messages
 
 
@@ -326,8 +341,9 @@ def test_transcript_longer_than_decoder_raises(tmp_path, processor, field):
 def test_decoder_length_limit_is_exact(tmp_path, processor):
     """A transcript whose decoder input (all tokens but <|endoftext|>) fills max_length exactly is kept."""
     write_clip(tmp_path / "a.wav", 1.0, seed=0)
-    samples = read_manifest(write_lines(tmp_path / "m.jsonl", [json.dumps(record(chosen="Hello world",
-                                                                                   rejected="Hello"))]))
+    samples = read_manifest(
+        write_lines(tmp_path / "m.jsonl", [json.dumps(record(chosen="Hello world", rejected="Hello"))])
+    )
     decoder_input = 4 + len(HELLO_WORLD)  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|> Hello world
     assert len(make_dataset(processor, samples, max_length=decoder_input)) == 1
     with pytest.raises(ManifestError, match="'chosen'"):
@@ -387,8 +403,10 @@ def test_multilingual_without_language_is_an_error(processor, tmp_path):
 
 def test_sample_language_overrides_default(tmp_path, processor):
     write_clip(tmp_path / "a.wav", 1.0, seed=0)
-    manifest = write_lines(tmp_path / "m.jsonl", [json.dumps(record(language="French", rejected=["x", "y"])),
-                                                  json.dumps(record(language=...))])
+    manifest = write_lines(
+        tmp_path / "m.jsonl",
+        [json.dumps(record(language="French", rejected=["x", "y"])), json.dumps(record(language=...))],
+    )
     ds = make_dataset(processor, read_manifest(manifest), default_language="German")
     french, default = ds.items
     assert len(french.segments) == 3
@@ -458,8 +476,12 @@ def check_row(batch, row, expected_segments, pad_token_id):
 
 COLLATE_CLIPS = [  # (audio, chosen, rejected, language)
     ("a.wav", "Hello world", ["Hello word"], "English"),
-    ("b.wav", "we meet at two o'clock in the afternoon",
-     ["we meet at to o'clock", "we met at two", "wee meat at two o'clock"], "German"),
+    (
+        "b.wav",
+        "we meet at two o'clock in the afternoon",
+        ["we meet at to o'clock", "we met at two", "wee meat at two o'clock"],
+        "German",
+    ),
     ("a.wav", "short", ["shirt"], "English"),
 ]
 
@@ -467,10 +489,13 @@ COLLATE_CLIPS = [  # (audio, chosen, rejected, language)
 def test_collator_packs_clips_with_different_numbers_of_rejected(tmp_path, processor):
     write_clip(tmp_path / "a.wav", 1.0, seed=0)
     write_clip(tmp_path / "b.wav", 1.5, seed=1)
-    manifest = write_lines(tmp_path / "m.jsonl", [
-        json.dumps(record(audio, chosen=chosen, rejected=rejected, language=language))
-        for audio, chosen, rejected, language in COLLATE_CLIPS
-    ])
+    manifest = write_lines(
+        tmp_path / "m.jsonl",
+        [
+            json.dumps(record(audio, chosen=chosen, rejected=rejected, language=language))
+            for audio, chosen, rejected, language in COLLATE_CLIPS
+        ],
+    )
     ds = make_dataset(processor, read_manifest(manifest))
     collate = PreferenceCollator(pad_token_id=EOT)
     batch = collate([ds[0], ds[1], ds[2]])
@@ -502,17 +527,29 @@ def test_collator_english_only_and_timestamps(tmp_path, processor):
     def timed(text):
         return [{"start": 0.0, "end": 0.5, "text": text}, {"start": 0.5, "end": 0.98, "text": "again"}]
 
-    manifest = write_lines(tmp_path / "m.jsonl", [json.dumps(record(
-        chosen="Hello world", rejected=["a", "b c"], chosens=timed("Hello world"), rejecteds=[timed("a"), timed("b c")],
-    ))])
+    manifest = write_lines(
+        tmp_path / "m.jsonl",
+        [
+            json.dumps(
+                record(
+                    chosen="Hello world",
+                    rejected=["a", "b c"],
+                    chosens=timed("Hello world"),
+                    rejecteds=[timed("a"), timed("b c")],
+                )
+            )
+        ],
+    )
     samples = read_manifest(manifest)
-    for kwargs, prefix in [(dict(multilingual=False), [SOT, NO_TIMESTAMPS]),
-                           (dict(timestamps=True), [SOT, EN, TRANSCRIBE])]:
+    for kwargs, prefix in [
+        (dict(multilingual=False), [SOT, NO_TIMESTAMPS]),
+        (dict(timestamps=True), [SOT, EN, TRANSCRIBE]),
+    ]:
         ds = make_dataset(processor, samples, **kwargs)
         batch = PreferenceCollator(pad_token_id=EOT)([ds[0]])
         assert batch["num_segments"].tolist() == [3]
         expected = [ds.items[0].segments[k] for k in range(3)]
-        assert all(ids[:len(prefix)] == prefix and n == len(prefix) for ids, n in expected)
+        assert all(ids[: len(prefix)] == prefix and n == len(prefix) for ids, n in expected)
         assert any(t >= TIMESTAMP_0 for ids, _ in expected for t in ids) == kwargs.get("timestamps", False)
         check_row(batch, 0, expected, EOT)
 
@@ -524,8 +561,8 @@ def test_collator_pad_token_id_is_used(tmp_path, processor):
     lengths = (batch["segment_ids"] >= 0).sum(dim=1)
     short = int(torch.argmin(lengths))
     assert lengths[0] != lengths[1]
-    assert (batch["decoder_input_ids"][short][lengths[short]:] == 12345).all()
-    assert (batch["position_ids"][short][lengths[short]:] == 0).all()
+    assert (batch["decoder_input_ids"][short][lengths[short] :] == 12345).all()
+    assert (batch["position_ids"][short][lengths[short] :] == 0).all()
 
 
 def test_manifest_with_byte_order_mark_reads(tmp_path):

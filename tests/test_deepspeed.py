@@ -25,21 +25,36 @@ import pytest
 import yaml
 from conftest import ROOT, write_manifest
 
-from orpo.config import ConfigError, TrainConfig, parse_args
-from orpo.distributed import (MODEL_PARAMETERS, accelerator_device_kwargs, check_deepspeed_checkpoint_files,
-                              check_launch_config, fill_deepspeed_config, generation_kwargs, launch_prefix,
-                              memory_table, model_state_bytes, param_ndim, peft_model_kwargs)
+from orpo.config import TrainConfig, parse_args
+from orpo.errors import ConfigError
+from orpo.scale.checks import check_launch_config
+from orpo.scale.launch import accelerator_device_kwargs, launch_prefix
+from orpo.scale.memory import MODEL_PARAMETERS, memory_table, model_state_bytes
+from orpo.scale.zero3 import fill_deepspeed_config, generation_kwargs, param_ndim, peft_model_kwargs
+from orpo.train.checkpoint import check_checkpoint_files
 
-DS_CONFIGS = {"zero2": ROOT / "ds_configs" / "zero2.json", "zero3": ROOT / "ds_configs" / "zero3.json",
-              "zero3_offload": ROOT / "ds_configs" / "zero3_offload.json"}
-LAUNCH_CONFIGS = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
-                  "zero3_offload": "deepspeed_zero3_offload.yaml", "multi_node": "multi_node_zero3.yaml"}
+DS_CONFIGS = {
+    "zero2": ROOT / "ds_configs" / "zero2.json",
+    "zero3": ROOT / "ds_configs" / "zero3.json",
+    "zero3_offload": ROOT / "ds_configs" / "zero3_offload.json",
+}
+LAUNCH_CONFIGS = {
+    "zero2": "deepspeed_zero2.yaml",
+    "zero3": "deepspeed_zero3.yaml",
+    "zero3_offload": "deepspeed_zero3_offload.yaml",
+    "multi_node": "multi_node_zero3.yaml",
+}
 
 
 def ds_env(json_path: Path, world_size: int = 2, **extra) -> dict:
     """The environment `accelerate launch` gives a DeepSpeed run with a deepspeed_config_file."""
-    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(json_path),
-            "ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": str(world_size), **extra}
+    return {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(json_path),
+        "ACCELERATE_MIXED_PRECISION": "no",
+        "WORLD_SIZE": str(world_size),
+        **extra,
+    }
 
 
 def write_ds_config(tmp_path: Path, base: str = "zero2", **changes) -> Path:
@@ -62,8 +77,12 @@ def write_ds_config(tmp_path: Path, base: str = "zero2", **changes) -> Path:
 @pytest.mark.parametrize("name", sorted(DS_CONFIGS))
 def test_shipped_deepspeed_configs_take_the_recipe_values(name):
     config = json.loads(DS_CONFIGS[name].read_text())
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-                "train_batch_size"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "train_batch_size",
+    ):
         assert config[key] == "auto", key
     assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
     assert "optimizer" not in config and "scheduler" not in config  # the trainer builds AdamW and the schedule
@@ -99,7 +118,7 @@ def test_accelerate_configs_point_at_a_deepspeed_config(name):
 def test_shipped_configs_pass_the_start_up_check(name, recipe):
     argv = ["--config", str(ROOT / recipe)] if recipe else []
     cfg = parse_args(argv)
-    check_launch_config(cfg, env=ds_env(DS_CONFIGS[name], world_size=8), argv=argv)
+    check_launch_config(cfg, env=ds_env(DS_CONFIGS[name], world_size=8))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,10 +130,12 @@ CONTRADICTIONS = [
     ({"bf16__enabled": True}, {"mixed_precision": "fp16"}, ["mixed_precision", "bf16.enabled"]),
     ({"fp16__enabled": True}, {"mixed_precision": "bf16"}, ["mixed_precision", "fp16.enabled"]),
     ({"bf16__enabled": True}, {"mixed_precision": "no"}, ["mixed_precision", "bf16.enabled"]),
-    ({"train_micro_batch_size_per_gpu": 8}, {"per_device_train_batch_size": 4},
-     ["per_device_train_batch_size", "train_micro_batch_size_per_gpu"]),
-    ({"gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 2},
-     ["gradient_accumulation_steps"]),
+    (
+        {"train_micro_batch_size_per_gpu": 8},
+        {"per_device_train_batch_size": 4},
+        ["per_device_train_batch_size", "train_micro_batch_size_per_gpu"],
+    ),
+    ({"gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 2}, ["gradient_accumulation_steps"]),
     ({"gradient_clipping": 1.0}, {"max_grad_norm": 0.3}, ["max_grad_norm", "gradient_clipping"]),
     ({"train_batch_size": 64}, {"per_device_train_batch_size": 4}, ["train_batch_size", "16 clips"]),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}, {}, ["'optimizer' section"]),
@@ -129,7 +150,7 @@ def test_contradictions_name_both_files_and_the_key(tmp_path, changes, recipe, w
     recipe_path.write_text(yaml.safe_dump(recipe))
     argv = ["--config", str(recipe_path)]
     with pytest.raises(ConfigError) as err:
-        check_launch_config(parse_args(argv), env=ds_env(ds_path, world_size=4), argv=argv)
+        check_launch_config(parse_args(argv), env=ds_env(ds_path, world_size=4))
     message = str(err.value)
     assert str(ds_path) in message
     if recipe:
@@ -139,55 +160,66 @@ def test_contradictions_name_both_files_and_the_key(tmp_path, changes, recipe, w
 
 
 def test_matching_numbers_in_the_deepspeed_config_are_accepted(tmp_path):
-    ds_path = write_ds_config(tmp_path, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2,
-                              gradient_clipping=0.5, train_batch_size=32, bf16__enabled=True)
-    cfg = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.5,
-                      mixed_precision="bf16")
-    check_launch_config(cfg, env=ds_env(ds_path, world_size=4), argv=[])
+    ds_path = write_ds_config(
+        tmp_path,
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=2,
+        gradient_clipping=0.5,
+        train_batch_size=32,
+        bf16__enabled=True,
+    )
+    cfg = TrainConfig(
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.5, mixed_precision="bf16"
+    )
+    check_launch_config(cfg, env=ds_env(ds_path, world_size=4))
 
 
 def test_a_command_line_override_is_named_as_the_source(tmp_path):
     ds_path = write_ds_config(tmp_path, gradient_clipping=1.0)
     argv = ["--config", str(ROOT / "recipes" / "demo.yaml"), "--max_grad_norm", "0.25"]
     with pytest.raises(ConfigError, match=r"command line \(--max_grad_norm\): max_grad_norm is 0.25"):
-        check_launch_config(parse_args(argv), env=ds_env(ds_path), argv=argv)
+        check_launch_config(parse_args(argv), env=ds_env(ds_path))
 
 
 @pytest.mark.parametrize("key", ["load_in_8bit", "load_in_4bit"])
 def test_quantised_loading_is_refused_under_zero3_only(key):
     cfg = TrainConfig(peft="lora", **{key: True})
-    with pytest.raises(ConfigError, match=f"{key} is true, but DeepSpeed config .*zero3.json: zero_optimization.stage is 3"):
-        check_launch_config(cfg, env=ds_env(DS_CONFIGS["zero3"]), argv=[])
-    check_launch_config(cfg, env=ds_env(DS_CONFIGS["zero2"]), argv=[])  # LoRA on 8-/4-bit: ZeRO-2 is fine
-    check_launch_config(cfg, env={"WORLD_SIZE": "2"}, argv=[])  # and so is DDP
+    with pytest.raises(
+        ConfigError, match=f"{key} is true, but DeepSpeed config .*zero3.json: zero_optimization.stage is 3"
+    ):
+        check_launch_config(cfg, env=ds_env(DS_CONFIGS["zero3"]))
+    check_launch_config(cfg, env=ds_env(DS_CONFIGS["zero2"]))  # LoRA on 8-/4-bit: ZeRO-2 is fine
+    check_launch_config(cfg, env={"WORLD_SIZE": "2"})  # and so is DDP
 
 
 def test_adalora_is_refused_under_deepspeed():
     with pytest.raises(ConfigError, match="peft is 'adalora'"):
-        check_launch_config(TrainConfig(peft="adalora"), env=ds_env(DS_CONFIGS["zero2"]), argv=[])
+        check_launch_config(TrainConfig(peft="adalora"), env=ds_env(DS_CONFIGS["zero2"]))
 
 
 def test_gradient_checkpointing_is_fine_under_zero3():
-    check_launch_config(TrainConfig(gradient_checkpointing=True), env=ds_env(DS_CONFIGS["zero3"]), argv=[])
+    check_launch_config(TrainConfig(gradient_checkpointing=True), env=ds_env(DS_CONFIGS["zero3"]))
 
 
 def test_zero3_without_16bit_gather_is_refused(tmp_path):
-    ds_path = write_ds_config(tmp_path, base="zero3", zero_optimization__stage3_gather_16bit_weights_on_model_save=False)
+    ds_path = write_ds_config(
+        tmp_path, base="zero3", zero_optimization__stage3_gather_16bit_weights_on_model_save=False
+    )
     with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save must be true"):
-        check_launch_config(TrainConfig(), env=ds_env(ds_path), argv=[])
+        check_launch_config(TrainConfig(), env=ds_env(ds_path))
 
 
 def test_launch_precision_must_agree_with_the_recipe():
     env = {"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2"}
     with pytest.raises(ConfigError, match="mixed_precision is 'no', but the accelerate launch configuration"):
-        check_launch_config(TrainConfig(mixed_precision="no"), env=env, argv=[])
-    check_launch_config(TrainConfig(mixed_precision="bf16"), env=env, argv=[])
+        check_launch_config(TrainConfig(mixed_precision="no"), env=env)
+    check_launch_config(TrainConfig(mixed_precision="bf16"), env=env)
 
 
 def test_several_problems_are_reported_together(tmp_path):
     ds_path = write_ds_config(tmp_path, base="zero3", gradient_clipping=2.0, bf16__enabled=True)
     with pytest.raises(ConfigError) as err:
-        check_launch_config(TrainConfig(load_in_8bit=True, peft="lora"), env=ds_env(ds_path), argv=[])
+        check_launch_config(TrainConfig(load_in_8bit=True, peft="lora"), env=ds_env(ds_path))
     message = str(err.value)
     for word in ("gradient_clipping", "bf16.enabled", "load_in_8bit"):
         assert word in message
@@ -195,15 +227,19 @@ def test_several_problems_are_reported_together(tmp_path):
 
 def test_a_missing_deepspeed_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        check_launch_config(TrainConfig(), env=ds_env(tmp_path / "nope.json"), argv=[])
+        check_launch_config(TrainConfig(), env=ds_env(tmp_path / "nope.json"))
 
 
 def test_launch_flags_without_a_file_are_checked_too():
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-           "ACCELERATE_GRADIENT_CLIPPING": "1.0", "WORLD_SIZE": "2",
-           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+        "WORLD_SIZE": "2",
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+    }
     with pytest.raises(ConfigError, match="gradient_clipping is 1.0"):
-        check_launch_config(TrainConfig(max_grad_norm=0.5), env=env, argv=[])
+        check_launch_config(TrainConfig(max_grad_norm=0.5), env=env)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,8 +248,9 @@ def test_launch_flags_without_a_file_are_checked_too():
 
 def fake_accelerator(ds_config: dict | None, processes: int = 2):
     plugin = SimpleNamespace(deepspeed_config=ds_config) if ds_config is not None else None
-    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin, num_processes=processes),
-                           num_processes=processes)
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=plugin, num_processes=processes), num_processes=processes
+    )
 
 
 def test_auto_values_are_filled_from_the_recipe_not_accelerate_defaults():
@@ -245,16 +282,25 @@ def test_generation_is_synced_under_zero3_with_several_processes():
 
 def test_launch_prefix_relaunches_the_same_way():
     assert launch_prefix(1, env={}) == "python"
-    assert launch_prefix(2, env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) == \
-        "accelerate launch --multi_gpu --num_processes 2"
+    assert (
+        launch_prefix(2, env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+        == "accelerate launch --multi_gpu --num_processes 2"
+    )
     deepspeed = ds_env(Path("ds_configs/zero3.json"), world_size=1)
-    assert launch_prefix(1, env=deepspeed) == \
-        "accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero3.json --num_processes 1"
-    two_machines = {**ds_env(Path("ds_configs/zero3.json"), world_size=16), "LOCAL_WORLD_SIZE": "8",
-                    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert (
+        launch_prefix(1, env=deepspeed)
+        == "accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero3.json --num_processes 1"
+    )
+    two_machines = {
+        **ds_env(Path("ds_configs/zero3.json"), world_size=16),
+        "LOCAL_WORLD_SIZE": "8",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     assert launch_prefix(16, env=two_machines).endswith(
         "--num_processes 16 --num_machines 2 --machine_rank MACHINE_RANK --main_process_ip 10.0.0.1 "
-        "--main_process_port 29500")
+        "--main_process_port 29500"
+    )
 
 
 def test_device_settings_without_cuda(monkeypatch):
@@ -278,21 +324,26 @@ def test_param_ndim_sees_through_a_zero3_placeholder():
 
 
 def test_deepspeed_checkpoint_files_are_checked(tmp_path):
-    from orpo.checkpoint import CheckpointError
+    from orpo.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="pytorch_model/"):
-        check_deepspeed_checkpoint_files(tmp_path, 2, 1)
+        check_checkpoint_files(tmp_path, 2, 1, scaler=False, deepspeed=True)
     engine = tmp_path / "pytorch_model"
     engine.mkdir()
-    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                 "zero_pp_rank_1_mp_rank_00_optim_states.pt", "custom_checkpoint_0.pkl", "random_states_0.pkl",
-                 "random_states_1.pkl"):
+    for name in (
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "custom_checkpoint_0.pkl",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ):
         (engine / name if name.endswith(".pt") else tmp_path / name).write_bytes(b"x")
-    check_deepspeed_checkpoint_files(tmp_path, 2, 1)
+    check_checkpoint_files(tmp_path, 2, 1, scaler=False, deepspeed=True)
     with pytest.raises(CheckpointError, match="custom_checkpoint_1.pkl missing"):
-        check_deepspeed_checkpoint_files(tmp_path, 2, 2)
+        check_checkpoint_files(tmp_path, 2, 2, scaler=False, deepspeed=True)
     with pytest.raises(CheckpointError, match="optimizer shards of 2 processes; this run has 4"):
-        check_deepspeed_checkpoint_files(tmp_path, 4, 1)
+        check_checkpoint_files(tmp_path, 4, 1, scaler=False, deepspeed=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,13 +360,19 @@ def test_model_state_memory_follows_the_zero_paper():
 
 
 def test_memory_cli_prints_the_table_in_the_readme():
-    result = subprocess.run([sys.executable, "-m", "orpo.distributed", "--memory", "large-v3", "--gpus", "8"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "orpo.distributed", "--memory", "large-v3", "--gpus", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "| large-v3 | 1,550M | 23.10 GiB | 5.41 GiB | 2.89 GiB | layers in use / 2.89 GiB |" in result.stdout
     readme = (ROOT / "README.md").read_text()
-    assert memory_table(list(MODEL_PARAMETERS), 8) in readme, \
+    assert memory_table(list(MODEL_PARAMETERS), 8) in readme, (
         "README's Scaling table differs from `python -m orpo.distributed --gpus 8`: paste the new output"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,25 +386,48 @@ def test_slurm_template_builds_the_rendezvous_from_slurm(tmp_path):
     # srun: run the task once per node, as SLURM would, with that node's SLURM_NODEID.
     (bin_dir / "srun").write_text(
         "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
-        "for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n \"$@\" || exit 1; done\n")
-    (bin_dir / "accelerate").write_text("#!/bin/bash\nprintf '%s\\n' \"$@\" > \"$RECORD_DIR/node-$SLURM_NODEID\"\n")
+        'for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit 1; done\n'
+    )
+    (bin_dir / "accelerate").write_text('#!/bin/bash\nprintf \'%s\\n\' "$@" > "$RECORD_DIR/node-$SLURM_NODEID"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD_DIR": str(tmp_path),
-           "SLURM_JOB_NODELIST": "gpu-node-[a-b]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
-           "SLURM_SUBMIT_DIR": str(tmp_path), "RESUME": "1"}
-    result = subprocess.run(["bash", str(ROOT / "examples" / "slurm" / "train.sbatch"), "recipes/demo.yaml",
-                             "--max_steps", "3"], env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORD_DIR": str(tmp_path),
+        "SLURM_JOB_NODELIST": "gpu-node-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "RESUME": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "examples" / "slurm" / "train.sbatch"), "recipes/demo.yaml", "--max_steps", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     for node in (0, 1):
         args = (tmp_path / f"node-{node}").read_text().split("\n")
-        value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
+
+        def value(flag, args=args):
+            return args[args.index(flag) + 1]
+
         assert value("--config_file") == "accelerate_configs/multi_node_zero3.yaml"
         assert value("--num_machines") == "2" and value("--num_processes") == "8"
         assert value("--machine_rank") == str(node)
         assert value("--main_process_ip") == "gpu-node-a" and value("--main_process_port") == "29500"
-        assert args[args.index("train.py"):-1] == ["train.py", "--config", "recipes/demo.yaml", "--max_steps", "3",
-                                                    "--resume_from_checkpoint", "latest"]
+        assert args[args.index("train.py") : -1] == [
+            "train.py",
+            "--config",
+            "recipes/demo.yaml",
+            "--max_steps",
+            "3",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,20 +451,54 @@ def run_env() -> dict:
 
 
 def train_args(model_dir: Path, data: Path, output_dir: Path, batch: int) -> list[str]:
-    return [str(ROOT / "train.py"), "--base_model", str(model_dir), "--train_data", str(data / "train.jsonl"),
-            "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--per_device_train_batch_size", str(batch),
-            "--logging_steps", "1", "--learning_rate", "1e-3", "--max_grad_norm", str(MAX_GRAD_NORM),
-            "--report_to", "none", "--seed", "3"]
+    return [
+        str(ROOT / "train.py"),
+        "--base_model",
+        str(model_dir),
+        "--train_data",
+        str(data / "train.jsonl"),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        str(batch),
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--max_grad_norm",
+        str(MAX_GRAD_NORM),
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+    ]
 
 
-def accelerate_command(config: str, processes: int, machines: int = 1, machine_rank: int = 0,
-                       port: int | None = None) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / config), "--num_processes", str(processes),
-               "--main_process_port", str(port or free_port())]
+def accelerate_command(
+    config: str, processes: int, machines: int = 1, machine_rank: int = 0, port: int | None = None
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(port or free_port()),
+    ]
     if machines > 1:
-        command += ["--num_machines", str(machines), "--machine_rank", str(machine_rank),
-                    "--main_process_ip", "127.0.0.1"]
+        command += [
+            "--num_machines",
+            str(machines),
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+        ]
     return command
 
 
@@ -404,10 +518,19 @@ def assert_same_trajectory(reference: list[dict], other: list[dict], steps=None)
     assert sorted(other_by_step) == sorted(steps)
     for one in (r for r in reference if r["step"] in steps and "loss" in r):
         two = other_by_step[one["step"]]
-        for name in ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "logps/chosen", "logps/rejected",
-                     "learning_rate"):
-            assert two[name] == pytest.approx(one[name], rel=RELATIVE_TOLERANCE, abs=ABSOLUTE_TOLERANCE), \
-                (one["step"], name)
+        for name in (
+            "loss",
+            "nll_loss",
+            "log_odds_ratio",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "learning_rate",
+        ):
+            assert two[name] == pytest.approx(one[name], rel=RELATIVE_TOLERANCE, abs=ABSOLUTE_TOLERANCE), (
+                one["step"],
+                name,
+            )
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3), (one["step"], "grad_norm")
 
 
@@ -422,9 +545,6 @@ def deepspeed_config_of_checkpoint(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def deepspeed_available():
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed: pip install -e '.[deepspeed]'")
-    trainer = (ROOT / "orpo" / "trainer.py").read_text()
-    assert "check_launch_config" in trainer and "consolidated_whisper" in trainer, \
-        "orpo/trainer.py does not call orpo.distributed yet (the DeepSpeed integration edits are missing)"
 
 
 @pytest.fixture(scope="module")
@@ -445,8 +565,11 @@ def single_run(tmp_path_factory, tiny_model_dir, ds_data, deepspeed_available):
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, tiny_model_dir, ds_data, deepspeed_available):
     output_dir = tmp_path_factory.mktemp("zero3") / "out"
-    result = run(accelerate_command("deepspeed_zero3.yaml", 2) + train_args(tiny_model_dir, ds_data, output_dir, 2)
-                 + ["--save_steps", "2", "--test_data", str(ds_data / "test.jsonl"), "--generation_max_length", "12"])
+    result = run(
+        accelerate_command("deepspeed_zero3.yaml", 2)
+        + train_args(tiny_model_dir, ds_data, output_dir, 2)
+        + ["--save_steps", "2", "--test_data", str(ds_data / "test.jsonl"), "--generation_max_length", "12"]
+    )
     assert "processes: 2, distributed: DEEPSPEED" in result.stderr
     return output_dir
 
@@ -456,15 +579,17 @@ LAUNCHES = {"ddp": "cpu_2proc.yaml", "zero2": "deepspeed_zero2.yaml", "zero3_off
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["ddp", "zero2", "zero3", "zero3_offload"])
-def test_two_processes_follow_the_single_process_trajectory(launch, single_run, zero3_run, tiny_model_dir, ds_data,
-                                                            tmp_path):
+def test_two_processes_follow_the_single_process_trajectory(
+    launch, single_run, zero3_run, tiny_model_dir, ds_data, tmp_path
+):
     if launch == "zero3":
         output_dir = zero3_run
     else:
         output_dir = tmp_path / "out"
         extra = ["--save_steps", "2"] if launch != "ddp" else []
-        result = run(accelerate_command(LAUNCHES[launch], 2) + train_args(tiny_model_dir, ds_data, output_dir, 2)
-                     + extra)
+        result = run(
+            accelerate_command(LAUNCHES[launch], 2) + train_args(tiny_model_dir, ds_data, output_dir, 2) + extra
+        )
         kind = "MULTI_CPU" if launch == "ddp" else "DEEPSPEED"
         assert f"processes: 2, distributed: {kind}" in result.stderr
     reference = metrics(single_run)
@@ -499,9 +624,14 @@ def test_zero3_checkpoint_resumes_the_same_trajectory(zero3_run, tiny_model_dir,
     output_dir = tmp_path / "resumed"
     checkpoint = zero3_run / "checkpoint-2"
     assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    result = run(accelerate_command("deepspeed_zero3.yaml", 2) + train_args(tiny_model_dir, ds_data, output_dir, 2)
-                 + ["--resume_from_checkpoint", str(checkpoint)])
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    result = run(
+        accelerate_command("deepspeed_zero3.yaml", 2)
+        + train_args(tiny_model_dir, ds_data, output_dir, 2)
+        + ["--resume_from_checkpoint", str(checkpoint)]
+    )
     assert "resumed from" in result.stderr
     assert_same_trajectory(metrics(zero3_run), metrics(output_dir), steps=[3, 4])
 
@@ -515,10 +645,18 @@ def test_two_machines_on_one_host_run_the_multi_node_config(single_run, tiny_mod
     launches = []
     for rank, log in zip((0, 1), logs):
         with log.open("w") as sink:
-            launches.append(subprocess.Popen(
-                accelerate_command("multi_node_zero3.yaml", 2, machines=2, machine_rank=rank, port=port)
-                + train_args(tiny_model_dir, ds_data, output_dir, 2),
-                cwd=ROOT, env=run_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+            launches.append(
+                subprocess.Popen(
+                    accelerate_command("multi_node_zero3.yaml", 2, machines=2, machine_rank=rank, port=port)
+                    + train_args(tiny_model_dir, ds_data, output_dir, 2),
+                    cwd=ROOT,
+                    env=run_env(),
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
     deadline = time.monotonic() + 300
     try:
         for launch in launches:
@@ -538,15 +676,24 @@ def test_two_machines_on_one_host_run_the_multi_node_config(single_run, tiny_mod
 
 
 def run_worker(mode: str, tiny_model_dir: Path, ds_data: Path, out_dir: Path) -> dict:
-    run(accelerate_command("deepspeed_zero3.yaml", 2) + [
-        str(ROOT / "tests" / "zero3_worker.py"), mode, str(tiny_model_dir), str(ds_data / "train.jsonl"),
-        str(ds_data / "test.jsonl"), str(out_dir)])
+    run(
+        accelerate_command("deepspeed_zero3.yaml", 2)
+        + [
+            str(ROOT / "tests" / "zero3_worker.py"),
+            mode,
+            str(tiny_model_dir),
+            str(ds_data / "train.jsonl"),
+            str(ds_data / "test.jsonl"),
+            str(out_dir),
+        ]
+    )
     return json.loads((out_dir / f"{mode}.json").read_text())
 
 
 @pytest.mark.slow
-def test_zero3_gradients_match_and_generation_finishes_on_uneven_ranks(deepspeed_available, tiny_model_dir, ds_data,
-                                                                       tmp_path):
+def test_zero3_gradients_match_and_generation_finishes_on_uneven_ranks(
+    deepspeed_available, tiny_model_dir, ds_data, tmp_path
+):
     result = run_worker("full", tiny_model_dir, ds_data, tmp_path)
     assert result["world_size"] == 2 and result["zero_stage"] == 3
     assert result["proj_out_partitioned"]  # the tied head/embedding is really sharded
@@ -573,13 +720,32 @@ def test_zero3_peft_adapter_is_saved_whole(deepspeed_available, tiny_model_dir, 
 
 
 @pytest.mark.slow
-def test_a_contradiction_stops_the_launch_before_any_weights_load(deepspeed_available, tiny_model_dir, ds_data,
-                                                                 tmp_path):
+def test_a_contradiction_stops_the_launch_before_any_weights_load(
+    deepspeed_available, tiny_model_dir, ds_data, tmp_path
+):
     ds_path = write_ds_config(tmp_path, gradient_clipping=1.0)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
-               str(ds_path), "--num_processes", "2", "--main_process_port", str(free_port())]
-    result = subprocess.run(command + train_args(tiny_model_dir, ds_data, tmp_path / "out", 2), cwd=ROOT,
-                            env=run_env(), capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_deepspeed",
+        "--deepspeed_config_file",
+        str(ds_path),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    result = subprocess.run(
+        command + train_args(tiny_model_dir, ds_data, tmp_path / "out", 2),
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
-    assert f"max_grad_norm is {MAX_GRAD_NORM}, but DeepSpeed config {ds_path}: gradient_clipping is 1.0" in result.stderr
+    assert (
+        f"max_grad_norm is {MAX_GRAD_NORM}, but DeepSpeed config {ds_path}: gradient_clipping is 1.0" in result.stderr
+    )
     assert "Loading weights" not in result.stderr

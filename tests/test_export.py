@@ -10,14 +10,20 @@ import torch
 from conftest import write_clip, write_manifest
 from test_demo_e2e import tiny_en_dir  # noqa: F401  (fixture: real Whisper tiny.en, converted once and cached)
 
-from orpo.data import SAMPLE_RATE, load_audio
-from orpo.export import ExportError, describe, load_model, main
+from orpo.artifacts.run_model import describe, load_model
+from orpo.data.audio import SAMPLE_RATE, load_audio
+from orpo.errors import ExportError
+from orpo.export import main
 
 
 def state_of(model_dir) -> dict[str, torch.Tensor]:
     from transformers import WhisperForConditionalGeneration
 
-    model = model_dir if isinstance(model_dir, torch.nn.Module) else WhisperForConditionalGeneration.from_pretrained(model_dir)
+    model = (
+        model_dir
+        if isinstance(model_dir, torch.nn.Module)
+        else WhisperForConditionalGeneration.from_pretrained(model_dir)
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -33,8 +39,10 @@ def save_adapter(base_dir: Path, folder: Path, seed: int = 0, init_lora_weights=
     from transformers import WhisperForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = get_peft_model(WhisperForConditionalGeneration.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "fc1"]))
+    model = get_peft_model(
+        WhisperForConditionalGeneration.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "fc1"]),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -63,8 +71,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from orpo.checkpoint import checkpoint_state_dict
-    from orpo.model import ORPOWhisper
+    from orpo.model.orpo_whisper import ORPOWhisper
+    from orpo.train.checkpoint import checkpoint_state_dict
 
     folder = tmp_path_factory.mktemp("export-runs")
     processor = WhisperProcessor.from_pretrained(tiny_model_dir)
@@ -81,25 +89,36 @@ def runs(tiny_model_dir, tmp_path_factory):
     processor.save_pretrained(run)
     with torch.no_grad():  # the checkpoint: weights half-way between base and tuned
         base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
-        for (name, p), q in zip(base.named_parameters(), tuned.parameters()):
+        for p, q in zip(base.parameters(), tuned.parameters()):
             p.copy_((p + q) / 2)
     state = {k: v for k, v in ORPOWhisper(base).state_dict().items() if k != "whisper.proj_out.weight"}
     (run / "checkpoint-1").mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, run / "checkpoint-1" / "model.safetensors")
-    (run / "checkpoint-1" / "trainer_state.json").write_text(json.dumps(
-        {"global_step": 1, "epoch": 0, "step_in_epoch": 1, "settings": {"base_model": str(tiny_model_dir)}}))
+    (run / "checkpoint-1" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 1, "epoch": 0, "step_in_epoch": 1, "settings": {"base_model": str(tiny_model_dir)}})
+    )
     out["none"], out["none-checkpoint-weights"] = run, {k.removeprefix("whisper."): v for k, v in state.items()}
 
     run = folder / "out-lora"
-    write_run_config(run, base_model=str(tiny_model_dir), peft="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                     lora_target_modules=["q_proj", "v_proj", "fc1"])
+    write_run_config(
+        run,
+        base_model=str(tiny_model_dir),
+        peft="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj", "fc1"],
+    )
     adapter_model = save_adapter(tiny_model_dir, run / "adapter", seed=2)
     checkpoint_model = save_adapter(tiny_model_dir, folder / "scratch-adapter", seed=3)
     (run / "checkpoint-1").mkdir()
-    save_file({k: v.contiguous() for k, v in checkpoint_state_dict(ORPOWhisper(checkpoint_model), True).items()},
-              run / "checkpoint-1" / "model.safetensors")
-    (run / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"global_step": 1, "epoch": 0,
-                                                                        "step_in_epoch": 1, "total_steps": 2}))
+    save_file(
+        {k: v.contiguous() for k, v in checkpoint_state_dict(ORPOWhisper(checkpoint_model), True).items()},
+        run / "checkpoint-1" / "model.safetensors",
+    )
+    (run / "checkpoint-1" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 1, "epoch": 0, "step_in_epoch": 1, "total_steps": 2})
+    )
     merged = adapter_model.merge_and_unload()
     merged.save_pretrained(run)
     processor.save_pretrained(run)
@@ -233,8 +252,25 @@ needs_ct2 = pytest.mark.skipif(not _ct2_available(), reason="ctranslate2 is not 
 def test_ct2_export_of_a_tiny_model_loads_and_matches_transformers(trained_runs, tmp_path, capsys):
     out = tmp_path / "hf"
     clip = write_clip(tmp_path / "clip.wav", 1.0, seed=2)
-    assert main(["--checkpoint", str(trained_runs["none"]), "--out", str(out), "--ct2", "float32",
-                 "--check_audio", str(clip), "--language", "English", "--check_max_length", "24"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(trained_runs["none"]),
+                "--out",
+                str(out),
+                "--ct2",
+                "float32",
+                "--check_audio",
+                str(clip),
+                "--language",
+                "English",
+                "--check_max_length",
+                "24",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     ct2_dir = tmp_path / "hf_ct2"
     assert (ct2_dir / "model.bin").is_file() and (ct2_dir / "tokenizer.json").is_file()
@@ -245,14 +281,21 @@ def test_ct2_export_of_a_tiny_model_loads_and_matches_transformers(trained_runs,
 
 @needs_ct2
 def test_ct2_int8_export(trained_runs, tmp_path, capsys):
-    from orpo.export import ct2_greedy, decoder_prompt, export_ct2
     from transformers import WhisperProcessor
+
+    from orpo.artifacts.export import ct2_greedy, export_ct2
+    from orpo.data.tokens import WhisperTokens
 
     ct2_dir = export_ct2(trained_runs["none"], tmp_path / "int8", "int8")
     processor = WhisperProcessor.from_pretrained(trained_runs["none"])
-    prompt = decoder_prompt(processor.tokenizer, True, "de", "transcribe")
-    assert prompt == ["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"]
-    ids = ct2_greedy(ct2_dir, processor, load_audio(write_clip(tmp_path / "c.wav", 1.0, seed=3)), prompt, max_length=12)
+    prefix = WhisperTokens(processor.tokenizer, True, "transcribe", False, 448).prefix("de")
+    assert processor.tokenizer.convert_ids_to_tokens(prefix) == [
+        "<|startoftranscript|>",
+        "<|de|>",
+        "<|transcribe|>",
+        "<|notimestamps|>",
+    ]
+    ids = ct2_greedy(ct2_dir, processor, load_audio(write_clip(tmp_path / "c.wav", 1.0, seed=3)), prefix, max_length=12)
     assert isinstance(ids, list) and len(ids) <= 12
     with pytest.raises(ExportError, match="not empty"):
         export_ct2(trained_runs["none"], ct2_dir, "int8")
@@ -262,15 +305,29 @@ def test_ct2_int8_export(trained_runs, tmp_path, capsys):
 def test_export_of_real_training_checkpoints(tiny_model_dir, tmp_path):
     """The trainer's own checkpoint-STEP folders (full and LoRA) and final outputs export as they should."""
     from orpo.config import TrainConfig
-    from orpo.trainer import train
+    from orpo.train.loop import train
 
     manifest = write_manifest(tmp_path / "data", count=4)
     outputs = {}
     for peft in ("none", "lora"):
         out = tmp_path / f"out-{peft}"
-        train(TrainConfig(base_model=str(tiny_model_dir), train_data=str(manifest), output_dir=str(out), peft=peft,
-                          lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, max_steps=2, save_steps=1,
-                          per_device_train_batch_size=2, logging_steps=1, report_to=[]))
+        train(
+            TrainConfig(
+                base_model=str(tiny_model_dir),
+                train_data=str(manifest),
+                output_dir=str(out),
+                peft=peft,
+                lora_r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                learning_rate=1e-2,
+                max_steps=2,
+                save_steps=1,
+                per_device_train_batch_size=2,
+                logging_steps=1,
+                report_to=[],
+            )
+        )
         outputs[peft] = out
     check_full_checkpoint(outputs["none"] / "checkpoint-1", tiny_model_dir, outputs["none"])
 

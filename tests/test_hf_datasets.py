@@ -15,8 +15,12 @@ from conftest import SENTENCES, write_clip, write_manifest
 from datasets import Audio, Dataset, DatasetDict
 
 from orpo.config import TrainConfig
-from orpo.data import ManifestError, PreferenceCollator, WhisperTokens, build_dataset, load_samples, read_manifest
-from orpo.hf_datasets import read_hf_dataset
+from orpo.data.collate import PreferenceCollator
+from orpo.data.dataset import DATASET_KEYS, build_dataset, load_samples
+from orpo.data.hf import read_hf_dataset
+from orpo.data.manifest import read_manifest
+from orpo.data.tokens import WhisperTokens
+from orpo.errors import ManifestError
 
 
 def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
@@ -41,12 +45,14 @@ def dataset_from_manifest(manifest_path, embed: bool) -> Dataset:
     for r in records:
         path = str(manifest_path.parent / r["audio"]["path"])
         audio.append({"bytes": open(path, "rb").read(), "path": None} if embed else {"bytes": None, "path": path})
-    ds = Dataset.from_dict({
-        "audio": audio,
-        "chosen": [r["chosen"] for r in records],
-        "rejected": [r["rejected"] for r in records],
-        "language": [r["language"] for r in records],
-    })
+    ds = Dataset.from_dict(
+        {
+            "audio": audio,
+            "chosen": [r["chosen"] for r in records],
+            "rejected": [r["rejected"] for r in records],
+            "language": [r["language"] for r in records],
+        }
+    )
     return ds.cast_column("audio", Audio())  # the usual decoded-audio feature: we read it without decoding
 
 
@@ -62,8 +68,9 @@ def test_saved_dataset_dict_matches_the_manifest(tmp_path, processor, manifest, 
     assert len(train) == 4 and len(test) == 2
     assert [item.sample.source for item in test.items] == [f"dataset {folder} (split test), row {i}" for i in range(2)]
 
-    from_manifest = build_dataset(TrainConfig(train_data=str(manifest), language="English"), "train",
-                                  processor.feature_extractor, tokens)
+    from_manifest = build_dataset(
+        TrainConfig(train_data=str(manifest), language="English"), "train", processor.feature_extractor, tokens
+    )
     for i in range(4):
         ours, want = train.items[i].sample, from_manifest.items[i].sample
         assert (ours.chosen, ours.rejected, ours.language) == (want.chosen, want.rejected, want.language)
@@ -78,17 +85,27 @@ def test_column_mapping_several_rejected_and_audio_conversion(tmp_path, processo
     rng = np.random.default_rng(0)
     stereo_44k = (0.1 * rng.standard_normal((44100, 2))).astype(np.float32)
     mono_16k = (0.1 * rng.standard_normal(24000)).astype(np.float32)
-    ds = Dataset.from_dict({
-        "speech": [{"bytes": wav_bytes(stereo_44k, 44100), "path": "clip0.wav"},
-                   {"bytes": wav_bytes(mono_16k, 16000), "path": None}],
-        "good": ["hello there", "good morning"],
-        "bad": [["hello their", "yellow there"], ["good mourning"]],
-        "lang": ["en", "German"],
-    }).cast_column("speech", Audio(sampling_rate=16000))
+    ds = Dataset.from_dict(
+        {
+            "speech": [
+                {"bytes": wav_bytes(stereo_44k, 44100), "path": "clip0.wav"},
+                {"bytes": wav_bytes(mono_16k, 16000), "path": None},
+            ],
+            "good": ["hello there", "good morning"],
+            "bad": [["hello their", "yellow there"], ["good mourning"]],
+            "lang": ["en", "German"],
+        }
+    ).cast_column("speech", Audio(sampling_rate=16000))
     folder = tmp_path / "single"
     ds.save_to_disk(str(folder))  # a single Dataset: any split name reads it
-    samples = read_hf_dataset(str(folder), split="whatever", audio_column="speech", chosen_column="good",
-                              rejected_column="bad", language_column="lang")
+    samples = read_hf_dataset(
+        str(folder),
+        split="whatever",
+        audio_column="speech",
+        chosen_column="good",
+        rejected_column="bad",
+        language_column="lang",
+    )
     assert [s.rejected for s in samples] == [["hello their", "yellow there"], ["good mourning"]]
     assert [s.language for s in samples] == ["en", "German"]
     assert samples[0].duration == pytest.approx(1.0) and samples[1].duration == pytest.approx(1.5)
@@ -109,21 +126,23 @@ def test_load_dataset_on_a_parquet_folder_with_splits(tmp_path, processor, manif
     ds.to_parquet(str(data / "train-00000-of-00001.parquet"))
     ds.select([2, 3]).to_parquet(str(data / "validation-00000-of-00001.parquet"))
     cfg = TrainConfig(train_data=str(tmp_path / "hubish"), test_data=str(tmp_path / "hubish"), test_split="validation")
-    assert len(load_samples(cfg.train_data, cfg, cfg.train_split)) == 4
-    test = load_samples(cfg.test_data, cfg, cfg.test_split)
+    assert len(load_samples(cfg.train_data, cfg.train_split, **{key: getattr(cfg, key) for key in DATASET_KEYS})) == 4
+    test = load_samples(cfg.test_data, cfg.test_split, **{key: getattr(cfg, key) for key in DATASET_KEYS})
     assert [s.chosen for s in test] == [SENTENCES[2][0], SENTENCES[3][0]]
     assert test[0].source.startswith(f"dataset {tmp_path / 'hubish'}, split validation, row 0")
     with pytest.raises(ManifestError, match="cannot load it"):
-        load_samples(cfg.test_data, cfg, "nosuchsplit")
+        load_samples(cfg.test_data, "nosuchsplit", **{key: getattr(cfg, key) for key in DATASET_KEYS})
 
 
 def test_timestamped_segments_in_dataset_columns(tmp_path, processor):
     write_clip(tmp_path / "a.wav", 2.0, seed=0)
-    ds = Dataset.from_dict({
-        "audio": [str(tmp_path / "a.wav")],  # a plain path column
-        "chosen": [[{"start": 0.0, "end": 1.0, "text": "Hello"}, {"start": 1.0, "end": 1.9, "text": "world"}]],
-        "rejected": [[{"start": 0.0, "end": 1.9, "text": "Hello word"}]],
-    })
+    ds = Dataset.from_dict(
+        {
+            "audio": [str(tmp_path / "a.wav")],  # a plain path column
+            "chosen": [[{"start": 0.0, "end": 1.0, "text": "Hello"}, {"start": 1.0, "end": 1.9, "text": "world"}]],
+            "rejected": [[{"start": 0.0, "end": 1.9, "text": "Hello word"}]],
+        }
+    )
     ds.save_to_disk(str(tmp_path / "ts"))
     cfg = TrainConfig(train_data=str(tmp_path / "ts"), timestamps=True, language="en")
     train = build_dataset(cfg, "train", processor.feature_extractor, tokens_for(processor, timestamps=True))
@@ -141,18 +160,31 @@ def write_rows(tmp_path, **columns):
     return folder
 
 
-@pytest.mark.parametrize("columns, config, message", [
-    (dict(chosen=["a", " "], rejected=["b", "c"]), {}, "row 1: column 'chosen' must be a non-empty string"),
-    (dict(chosen=["a", None], rejected=["b", "c"]), {}, "row 1: column 'chosen' is missing"),
-    (dict(chosen=["a", "b"], rejected=[["x"], []]), {}, "row 1: column 'rejected' is an empty list"),
-    (dict(chosen=["a", "b"], rejected=["x", "y"], language=["en", "Klingon"]), {}, "row 1: column 'language'"),
-    (dict(chosen=["a", "b"], rejected=["x", "y"], audio=[{"bytes": b"RIFFnot audio" * 9, "path": None}] * 2), {},
-     "row 0: column 'audio': cannot decode the audio"),
-    (dict(chosen=["a", "b"], rejected=["x", "y"], audio=["/nowhere/a.wav"] * 2), {},
-     "row 0: column 'audio': file /nowhere/a.wav does not exist"),
-    (dict(text=["a", "b"], rejected=["x", "y"]), {}, "no column 'chosen' (columns: text, rejected, audio); set chosen_column"),
-    (dict(chosen=["a", "b"], rejected=["x", "y"]), dict(language_column="lang"), "no column 'lang'"),
-])
+@pytest.mark.parametrize(
+    "columns, config, message",
+    [
+        (dict(chosen=["a", " "], rejected=["b", "c"]), {}, "row 1: column 'chosen' must be a non-empty string"),
+        (dict(chosen=["a", None], rejected=["b", "c"]), {}, "row 1: column 'chosen' is missing"),
+        (dict(chosen=["a", "b"], rejected=[["x"], []]), {}, "row 1: column 'rejected' is an empty list"),
+        (dict(chosen=["a", "b"], rejected=["x", "y"], language=["en", "Klingon"]), {}, "row 1: column 'language'"),
+        (
+            dict(chosen=["a", "b"], rejected=["x", "y"], audio=[{"bytes": b"RIFFnot audio" * 9, "path": None}] * 2),
+            {},
+            "row 0: column 'audio': cannot decode the audio",
+        ),
+        (
+            dict(chosen=["a", "b"], rejected=["x", "y"], audio=["/nowhere/a.wav"] * 2),
+            {},
+            "row 0: column 'audio': file /nowhere/a.wav does not exist",
+        ),
+        (
+            dict(text=["a", "b"], rejected=["x", "y"]),
+            {},
+            "no column 'chosen' (columns: text, rejected, audio); set chosen_column",
+        ),
+        (dict(chosen=["a", "b"], rejected=["x", "y"]), dict(language_column="lang"), "no column 'lang'"),
+    ],
+)
 def test_bad_rows_name_the_row_and_column(tmp_path, columns, config, message):
     folder = write_rows(tmp_path, **columns)
     with pytest.raises(ManifestError) as err:
@@ -170,6 +202,8 @@ def test_missing_split_lists_the_splits(tmp_path, manifest):
 
 def test_manifest_paths_still_read_as_manifests(tmp_path, manifest):
     cfg = TrainConfig(train_data=str(manifest))
-    assert [s.source for s in load_samples(str(manifest), cfg, "train")] == [s.source for s in read_manifest(manifest)]
+    assert [
+        s.source for s in load_samples(str(manifest), "train", **{key: getattr(cfg, key) for key in DATASET_KEYS})
+    ] == [s.source for s in read_manifest(manifest)]
     with pytest.raises(ManifestError, match="manifest .*missing.jsonl does not exist"):
-        load_samples(str(tmp_path / "missing.jsonl"), cfg, "train")
+        load_samples(str(tmp_path / "missing.jsonl"), "train", **{key: getattr(cfg, key) for key in DATASET_KEYS})

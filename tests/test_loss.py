@@ -8,8 +8,18 @@ import torch
 
 from orpo.loss import MAX_AVG_LOGP, log1mexp, orpo_loss
 
-TRL_METRICS = {"loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
-               "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+TRL_METRICS = {
+    "loss",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+}
 mpmath.mp.dps = 50
 
 
@@ -106,6 +116,8 @@ def test_float32_loss_is_computed_in_float32_from_half_inputs():
     lr = torch.tensor([[-0.002]], dtype=torch.bfloat16)
     loss, _ = orpo_loss(lc, lr, torch.tensor([[True]]), torch.tensor([0.001], dtype=torch.bfloat16), 1.0)
     assert loss.dtype == torch.float32
-    want = reference_orpo([lc.float().item()], [[lr.float().item()]], [torch.tensor(0.001, dtype=torch.bfloat16).item()], 1.0)
+    want = reference_orpo(
+        [lc.float().item()], [[lr.float().item()]], [torch.tensor(0.001, dtype=torch.bfloat16).item()], 1.0
+    )
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert math.isfinite(loss.item())

@@ -9,15 +9,24 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_clip
 
-from orpo.data import ManifestError, PreferenceDataset, WhisperTokens, read_asr_manifest, read_manifest
-from orpo.make_pairs import NBestDecoder, Scorer, main, make_pairs, skipped_path
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_asr_manifest, read_manifest
+from orpo.data.tokens import WhisperTokens
+from orpo.errors import ManifestError
+from orpo.make_pairs import main
+from orpo.pairs.make_pairs import NBestDecoder, Scorer, make_pairs, skipped_path
 
 EOT, SOT, EN, DE, TRANSCRIBE, NO_TIMESTAMPS = 50257, 50258, 50259, 50261, 50359, 50363
 TINY_EN = Path.home() / ".cache" / "whisper-orpo" / "whisper-tiny.en"
 
 
-def write_asr(folder: Path, texts: list[str], languages: list[str | None] | None = None, key: str = "text",
-              name: str = "asr.jsonl") -> Path:
+def write_asr(
+    folder: Path,
+    texts: list[str],
+    languages: list[str | None] | None = None,
+    key: str = "text",
+    name: str = "asr.jsonl",
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, text in enumerate(texts):
@@ -47,8 +56,9 @@ class FakeDecoder:
 
 
 def english_tokens(processor, multilingual=False) -> WhisperTokens:
-    return WhisperTokens(processor.tokenizer, multilingual=multilingual, task="transcribe", timestamps=False,
-                         max_length=448)
+    return WhisperTokens(
+        processor.tokenizer, multilingual=multilingual, task="transcribe", timestamps=False, max_length=448
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -80,13 +90,16 @@ def test_read_asr_manifest(tmp_path):
     assert samples[0].record["speaker"] == "s0" and samples[0].duration == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("record, field", [
-    ({"audio": {"path": "clip0.wav"}, "chosen": "x"}, "'text' is missing"),
-    ({"audio": {"path": "clip0.wav"}, "text": "  "}, "'text' must be a non-empty string"),
-    ({"audio": {"path": "clip0.wav"}, "sentence": 3}, "'sentence' must be a non-empty string"),
-    ({"audio": {"path": "nope.wav"}, "text": "x"}, "'audio.path'"),
-    ({"audio": {"path": "clip0.wav"}, "text": "x", "language": "Klingon"}, "'language'"),
-])
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"audio": {"path": "clip0.wav"}, "chosen": "x"}, "'text' is missing"),
+        ({"audio": {"path": "clip0.wav"}, "text": "  "}, "'text' must be a non-empty string"),
+        ({"audio": {"path": "clip0.wav"}, "sentence": 3}, "'sentence' must be a non-empty string"),
+        ({"audio": {"path": "nope.wav"}, "text": "x"}, "'audio.path'"),
+        ({"audio": {"path": "clip0.wav"}, "text": "x", "language": "Klingon"}, "'language'"),
+    ],
+)
 def test_bad_asr_line_names_file_line_and_field(tmp_path, record, field):
     path = write_asr(tmp_path, ["fine"])
     path.write_text(path.read_text() + json.dumps(record) + "\n")
@@ -102,8 +115,7 @@ def test_pairs_are_the_best_wrong_hypotheses_after_normalisation(tmp_path, proce
     asr = write_asr(tmp_path / "data", REFERENCES)
     out = tmp_path / "out" / "pairs.jsonl"
     decoder = FakeDecoder(NBEST)
-    summary = make_pairs(read_asr_manifest(asr), out, decoder, english_tokens(processor), batch_size=3,
-                         progress=False)
+    summary = make_pairs(read_asr_manifest(asr), out, decoder, english_tokens(processor), batch_size=3, progress=False)
     pairs = read_jsonl(out)
     assert [p["source_line"] for p in pairs] == [1, 2, 3]
     # case and punctuation are not mistakes; "4" and "four" are the same after EnglishTextNormalizer
@@ -119,8 +131,10 @@ def test_pairs_are_the_best_wrong_hypotheses_after_normalisation(tmp_path, proce
     assert summary.mean_wer == pytest.approx((1 / 6) / 4)
     assert "clips: 4, pairs written: 3, skipped: 1, mean WER: 4.17%" in summary.line()
     # English-only model: <|startoftranscript|><|notimestamps|>, batches of 3 then 1
-    assert decoder.calls == [(["clip0.wav", "clip1.wav", "clip2.wav"], [SOT, NO_TIMESTAMPS]),
-                             (["clip3.wav"], [SOT, NO_TIMESTAMPS])]
+    assert decoder.calls == [
+        (["clip0.wav", "clip1.wav", "clip2.wav"], [SOT, NO_TIMESTAMPS]),
+        (["clip3.wav"], [SOT, NO_TIMESTAMPS]),
+    ]
 
     # the trainer reads the output as it is
     samples = read_manifest(out)
@@ -131,8 +145,9 @@ def test_pairs_are_the_best_wrong_hypotheses_after_normalisation(tmp_path, proce
 def test_several_rejected_are_distinct_and_written_as_a_list(tmp_path, processor):
     asr = write_asr(tmp_path, REFERENCES)
     out = tmp_path / "pairs.jsonl"
-    make_pairs(read_asr_manifest(asr), out, FakeDecoder(NBEST), english_tokens(processor), num_rejected=3,
-               progress=False)
+    make_pairs(
+        read_asr_manifest(asr), out, FakeDecoder(NBEST), english_tokens(processor), num_rejected=3, progress=False
+    )
     pairs = read_jsonl(out)
     assert pairs[0]["rejected"] == ["Hallo world", "Yellow world"]  # "hallo, world!" is "Hallo world" again
     assert pairs[1]["rejected"] == ["The cat sat on the map.", "The cat sad on the mat."]
@@ -144,19 +159,31 @@ def test_several_rejected_are_distinct_and_written_as_a_list(tmp_path, processor
 
 
 def test_multilingual_prefix_language_and_basic_normaliser(tmp_path, processor):
-    asr = write_asr(tmp_path, ["Wir haben vier Hunde.", "Hello, world!", "Guten Morgen."],
-                    languages=["German", "English", None])
-    nbest = {"clip0.wav": ["Wir haben 4 Hunde.", "wir haben vier hunde"],  # BasicTextNormalizer: 4 != vier
-             "clip1.wav": ["hello world", "Yellow world"],
-             "clip2.wav": ["Guten Morgen!", "Gute Morgen."]}
+    asr = write_asr(
+        tmp_path, ["Wir haben vier Hunde.", "Hello, world!", "Guten Morgen."], languages=["German", "English", None]
+    )
+    nbest = {
+        "clip0.wav": ["Wir haben 4 Hunde.", "wir haben vier hunde"],  # BasicTextNormalizer: 4 != vier
+        "clip1.wav": ["hello world", "Yellow world"],
+        "clip2.wav": ["Guten Morgen!", "Gute Morgen."],
+    }
     decoder = FakeDecoder(nbest)
     out = tmp_path / "pairs.jsonl"
-    make_pairs(read_asr_manifest(asr), out, decoder, english_tokens(processor, multilingual=True),
-               default_language="de", batch_size=8, progress=False)
+    make_pairs(
+        read_asr_manifest(asr),
+        out,
+        decoder,
+        english_tokens(processor, multilingual=True),
+        default_language="de",
+        batch_size=8,
+        progress=False,
+    )
     # a batch never mixes languages: each has its own decoder prefix
-    assert decoder.calls == [(["clip0.wav"], [SOT, DE, TRANSCRIBE, NO_TIMESTAMPS]),
-                             (["clip1.wav"], [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]),
-                             (["clip2.wav"], [SOT, DE, TRANSCRIBE, NO_TIMESTAMPS])]
+    assert decoder.calls == [
+        (["clip0.wav"], [SOT, DE, TRANSCRIBE, NO_TIMESTAMPS]),
+        (["clip1.wav"], [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]),
+        (["clip2.wav"], [SOT, DE, TRANSCRIBE, NO_TIMESTAMPS]),
+    ]
     pairs = read_jsonl(out)
     assert [p["rejected"] for p in pairs] == ["Wir haben 4 Hunde.", "Yellow world", "Gute Morgen."]
     assert [p["language"] for p in pairs] == ["German", "English", "de"]  # the forced language is written
@@ -179,8 +206,13 @@ def test_clips_longer_than_30_s_are_listed_not_decoded(tmp_path, processor):
 def test_multilingual_without_language_names_the_line(tmp_path, processor):
     asr = write_asr(tmp_path, ["a", "b"], languages=["en", None])
     with pytest.raises(ManifestError, match=rf"^{re.escape(str(asr))}:2: field 'language' is missing"):
-        make_pairs(read_asr_manifest(asr), tmp_path / "p.jsonl", FakeDecoder({}),
-                   english_tokens(processor, multilingual=True), progress=False)
+        make_pairs(
+            read_asr_manifest(asr),
+            tmp_path / "p.jsonl",
+            FakeDecoder({}),
+            english_tokens(processor, multilingual=True),
+            progress=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,8 +221,10 @@ def test_multilingual_without_language_names_the_line(tmp_path, processor):
 
 def test_resume_after_a_crash_with_a_truncated_last_line(tmp_path, processor):
     texts = [f"sentence number {i}" for i in range(7)]
-    nbest = {f"clip{i}.wav": [f"sentence number {i}", f"sentence numb {i}"] if i != 4 else [f"sentence number {i}"]
-             for i in range(7)}
+    nbest = {
+        f"clip{i}.wav": [f"sentence number {i}", f"sentence numb {i}"] if i != 4 else [f"sentence number {i}"]
+        for i in range(7)
+    }
     asr = write_asr(tmp_path / "data", texts)
     samples = read_asr_manifest(asr)
     tokens = english_tokens(processor)
@@ -235,8 +269,13 @@ def test_resume_refuses_output_from_other_data(tmp_path, processor):
         make_pairs(read_asr_manifest(other), out, FakeDecoder(nbest), english_tokens(processor), progress=False)
     (tmp_path / "garbage.jsonl").write_text('{"no": "source line"}\n')
     with pytest.raises(ManifestError, match="written by orpo.make_pairs"):
-        make_pairs(read_asr_manifest(asr), tmp_path / "garbage.jsonl", FakeDecoder(nbest),
-                   english_tokens(processor), progress=False)
+        make_pairs(
+            read_asr_manifest(asr),
+            tmp_path / "garbage.jsonl",
+            FakeDecoder(nbest),
+            english_tokens(processor),
+            progress=False,
+        )
 
 
 def test_scorer_error_rates():
@@ -245,10 +284,13 @@ def test_scorer_error_rates():
     assert scorer.error_rate("a b c d", "a x c", "en") == ("wer", 0.5)
     kind, rate = scorer.error_rate("我们走吧", "我们走", "zh")
     assert kind == "cer" and rate == pytest.approx(0.25)
-    assert scorer.wrong_hypotheses("Hi there", ["hi there", "", "  ", "Hi, where?", "hi where"], None, 5) == ["Hi, where?"]
+    assert scorer.wrong_hypotheses("Hi there", ["hi there", "", "  ", "Hi, where?", "hi where"], None, 5) == [
+        "Hi, where?"
+    ]
     # EnglishTextNormalizer leaves a stray "." from "..."; it is not a mistake
-    assert scorer.wrong_hypotheses("Call my name.", ["Call my name...", "Call my name…", "Call me name."], "en", 5) \
-        == ["Call me name."]
+    assert scorer.wrong_hypotheses("Call my name.", ["Call my name...", "Call my name…", "Call me name."], "en", 5) == [
+        "Call me name."
+    ]
     assert scorer.error_rate("Call my name.", "Call my name...", "en") == ("wer", 0.0)
 
 
@@ -269,8 +311,24 @@ def test_nbest_decoder_and_command_line_on_a_tiny_random_model(tmp_path, tiny_mo
     assert len(set(nbest[0])) > 1 or not any(nbest[0])  # a real n-best list, not one hypothesis three times
 
     out = tmp_path / "out" / "pairs.jsonl"
-    argv = ["--model", str(tiny_model_dir), "--data", str(asr), "--out", str(out), "--num_beams", "3",
-            "--num-rejected", "2", "--batch_size", "2", "--language", "English", "--max_new_tokens", "4"]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(asr),
+        "--out",
+        str(out),
+        "--num_beams",
+        "3",
+        "--num_rejected",
+        "2",
+        "--batch_size",
+        "2",
+        "--language",
+        "English",
+        "--max_new_tokens",
+        "4",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     pairs = read_jsonl(out)
@@ -285,8 +343,8 @@ def test_nbest_decoder_and_command_line_on_a_tiny_random_model(tmp_path, tiny_mo
 
     assert main(argv) == 0  # rerun: everything is done already
     assert "decoded now: 0, resumed: 3" in capsys.readouterr().out
-    assert main(argv[:-4] + ["--num-rejected", "9"]) == 2  # more rejected than beams: a clear error
-    assert "--num_beams (3) must be at least --num-rejected (9)" in capsys.readouterr().err
+    assert main(argv[:-4] + ["--num_rejected", "9"]) == 2  # more rejected than beams: a clear error
+    assert "command line: num_beams (3) must be at least num_rejected (9)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -297,7 +355,7 @@ def test_demo_set_with_real_tiny_en_gives_a_manifest_the_trainer_accepts(tmp_pat
     from transformers import WhisperConfig, WhisperProcessor
 
     from orpo.config import TrainConfig
-    from orpo.trainer import build_datasets
+    from orpo.data.dataset import build_datasets
 
     demo = ROOT / "examples" / "demo"
     lines = []
@@ -310,8 +368,10 @@ def test_demo_set_with_real_tiny_en_gives_a_manifest_the_trainer_accepts(tmp_pat
     asr = tmp_path / "asr.jsonl"
     asr.write_text("\n".join(lines) + "\n")
     out = tmp_path / "pairs.jsonl"
-    assert main(["--model", str(TINY_EN), "--data", str(asr), "--out", str(out), "--num_beams", "4",
-                 "--batch_size", "5"]) == 0
+    assert (
+        main(["--model", str(TINY_EN), "--data", str(asr), "--out", str(out), "--num_beams", "4", "--batch_size", "5"])
+        == 0
+    )
     printed = capsys.readouterr().out
     pairs = read_jsonl(out)
     skipped = read_jsonl(skipped_path(out)) if skipped_path(out).exists() else []

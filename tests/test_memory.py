@@ -5,10 +5,11 @@ import pytest
 import torch
 from test_model import EOT, assert_gradients_close, gradients, loss_of, random_batch, tiny_model
 
-from orpo.attention import token_major_attention
-from orpo.model import ORPOWhisper, freeze_encoder, two_pass_forward
-from orpo.recompute import SavedBytes, observe_saved_tensors
-from orpo.sampling import LengthGroupedSampler, padding_fraction
+from orpo.data.sampling import LengthGroupedSampler, padding_fraction
+from orpo.model.attention import token_major_attention
+from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
+from orpo.model.recompute import SavedBytes, observe_saved_tensors
+from orpo.model.reference import two_pass_forward
 
 TECHNIQUES = {
     "selective": {"selective_recompute": True},
@@ -88,8 +89,11 @@ def test_token_major_attention_shares_one_output_copy_per_attention_layer():
     config = model.config
     rows, width = ids.shape
     # one attention output (tokens x d_model, float32) per self- and cross-attention layer
-    expected = 4 * config.d_model * (config.encoder_layers * rows * config.max_source_positions
-                                     + 2 * config.decoder_layers * rows * width)
+    expected = (
+        4
+        * config.d_model
+        * (config.encoder_layers * rows * config.max_source_positions + 2 * config.decoder_layers * rows * width)
+    )
     assert plain - token_major == expected
     assert model.config._attn_implementation == "sdpa"  # restored after the block
 
@@ -128,6 +132,6 @@ def test_length_grouped_sampler_orders_and_reduces_padding():
     assert list(again) == second  # a resumed run sees the same order
     shuffled = torch.randperm(400, generator=gen).tolist()
     assert padding_fraction(lengths, first, 8) < 0.5 * padding_fraction(lengths, shuffled, 8)
-    batches = [[lengths[i] for i in first[start:start + 8]] for start in range(0, 400, 8)]
+    batches = [[lengths[i] for i in first[start : start + 8]] for start in range(0, 400, 8)]
     assert all(batch == sorted(batch, reverse=True) for batch in batches)  # slices of sorted mega-batches
     assert [max(b) for b in batches] != sorted((max(b) for b in batches), reverse=True)  # batch order shuffled

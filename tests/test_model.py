@@ -6,9 +6,13 @@ import torch.nn.functional as F
 from conftest import tiny_whisper_config, write_manifest
 from transformers import WhisperForConditionalGeneration
 
-from orpo.data import PreferenceCollator, PreferenceDataset, WhisperTokens, read_manifest
+from orpo.data.collate import PreferenceCollator
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest
+from orpo.data.tokens import WhisperTokens
 from orpo.loss import orpo_loss
-from orpo.model import ORPOWhisper, two_pass_forward
+from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.model.reference import two_pass_forward
 
 EOT, SOT, EN, TRANSCRIBE, NO_TIMESTAMPS = 50257, 50258, 50259, 50359, 50363
 
@@ -30,8 +34,9 @@ def random_batch(seed, slots_per_clip=(2, 3, 2), dtype=torch.float32):
             length = int(torch.randint(1, 12, (1,), generator=gen))
             text = torch.randint(0, 50256, (length,), generator=gen).tolist()
             segments.append((prefix + text + [EOT], len(prefix)))
-        features.append({"input_features": torch.randn(80, 3000, generator=gen).numpy(), "segments": segments,
-                         "index": index})
+        features.append(
+            {"input_features": torch.randn(80, 3000, generator=gen).numpy(), "segments": segments, "index": index}
+        )
     batch = PreferenceCollator(pad_token_id=EOT)(features)
     batch["input_features"] = batch["input_features"].to(dtype)
     return batch, features
@@ -48,15 +53,16 @@ def gradients(model, loss):
 
 def assert_gradients_close(got, want, rel):
     diff = torch.sqrt(sum(((g - w) ** 2).sum() for g, w in zip(got, want)))
-    norm = torch.sqrt(sum((w ** 2).sum() for w in want))
+    norm = torch.sqrt(sum((w**2).sum() for w in want))
     assert norm > 0
     assert (diff / norm).item() <= rel
     for g, w in zip(got, want):
         assert torch.linalg.norm(g - w) <= rel * torch.linalg.norm(w) + 1e-9
 
 
-@pytest.mark.parametrize(("seed", "attn", "disable_prompt_loss"),
-                         [(0, "sdpa", True), (1, "sdpa", False), (2, "eager", True)])
+@pytest.mark.parametrize(
+    ("seed", "attn", "disable_prompt_loss"), [(0, "sdpa", True), (1, "sdpa", False), (2, "eager", True)]
+)
 def test_one_pass_equals_two_pass_reference(seed, attn, disable_prompt_loss):
     model = tiny_model(seed, attn=attn)
     batch, _ = random_batch(seed + 10)
@@ -80,7 +86,7 @@ def independent_float64_loss(model, features, alpha=0.5, disable_prompt_loss=Tru
             tokens = torch.tensor(ids)[None]
             logits = model(input_features=mel, decoder_input_ids=tokens[:, :-1]).logits[0]
             logp = F.log_softmax(logits.double(), dim=-1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
-            transcript = logp[prefix_len - 1:]
+            transcript = logp[prefix_len - 1 :]
             averages.append(transcript.mean())
             if slot == 0:
                 nll = -(transcript.mean() if disable_prompt_loss else logp.mean())
@@ -121,6 +127,7 @@ def test_encoder_and_decoder_run_once_per_forward():
             calls[name] += 1
             if name == "encoder":
                 calls["encoder_rows"] += (args[0] if args else kwargs["input_features"]).shape[0]
+
         return hook
 
     model.model.encoder.register_forward_pre_hook(count("encoder"), with_kwargs=True)
@@ -145,8 +152,7 @@ def test_disable_prompt_loss_adds_the_prefix_to_the_nll_only():
 def test_real_manifest_path_matches_reference(tmp_path, processor):
     """Audio files, the real tokenizer, the dataset and the collator, end to end into both forwards."""
     manifest = write_manifest(tmp_path, count=3)
-    tokens = WhisperTokens(processor.tokenizer, multilingual=True, task="transcribe", timestamps=False,
-                           max_length=448)
+    tokens = WhisperTokens(processor.tokenizer, multilingual=True, task="transcribe", timestamps=False, max_length=448)
     dataset = PreferenceDataset(read_manifest(manifest), processor.feature_extractor, tokens, None, 0.1, 30)
     batch = PreferenceCollator(tokens.eot)([dataset[i] for i in range(3)])
     model = tiny_model(5)

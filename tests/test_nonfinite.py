@@ -6,11 +6,12 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import orpo.model
-from orpo.config import TrainConfig
-from orpo.trainer import NonFiniteLossError, train
 from trainer_helpers import manifest, model_dir, read_metrics, save_short_window_whisper  # noqa: F401 (fixtures)
+
+import orpo.model.orpo_whisper
+from orpo.config import TrainConfig
+from orpo.errors import NonFiniteLossError
+from orpo.train.loop import train
 
 
 def poison(monkeypatch, should_poison) -> dict:
@@ -18,7 +19,7 @@ def poison(monkeypatch, should_poison) -> dict:
 
     The NaN enters inside the model's forward, so it flows through the real loss and into the gradients.
     """
-    real_forward = orpo.model.ORPOWhisper.forward
+    real_forward = orpo.model.orpo_whisper.ORPOWhisper.forward
     seen = {"calls": 0, "poisoned": []}
 
     def forward(self, batch):
@@ -32,14 +33,23 @@ def poison(monkeypatch, should_poison) -> dict:
                 out = {**out, "logps_chosen": out["logps_chosen"] + nan}
         return out
 
-    monkeypatch.setattr(orpo.model.ORPOWhisper, "forward", forward)
+    monkeypatch.setattr(orpo.model.orpo_whisper.ORPOWhisper, "forward", forward)
     return seen
 
 
 def config(model_dir, manifest, output_dir, **overrides):
-    settings = dict(base_model=str(model_dir), train_data=str(manifest), output_dir=str(output_dir), learning_rate=1e-3,
-                    lr_scheduler_type="linear", max_steps=5, per_device_train_batch_size=2, logging_steps=1,
-                    report_to=[], seed=1)
+    settings = dict(
+        base_model=str(model_dir),
+        train_data=str(manifest),
+        output_dir=str(output_dir),
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        max_steps=5,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to=[],
+        seed=1,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -63,8 +73,11 @@ def test_nonfinite_step_is_skipped_and_counted(model_dir, manifest, tmp_path, mo
     for name, tensor in load_file(tmp_path / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
     log = (tmp_path / "train.log").read_text()
-    assert re.search(rf"step {skipped}: non-finite loss or gradient, update skipped \(1 in a row, 1 in all\); "
-                     rf"samples: .*train.jsonl:3\b", log), log
+    assert re.search(
+        rf"step {skipped}: non-finite loss or gradient, update skipped \(1 in a row, 1 in all\); "
+        rf"samples: .*train.jsonl:3\b",
+        log,
+    ), log
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(model_dir, manifest, tmp_path, monkeypatch):
@@ -73,8 +86,9 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(model_dir, manifest, tmp
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg)
     message = str(err.value)
-    assert message.startswith("step 3: the loss or its gradient was NaN or Inf in 2 optimizer steps in a row "
-                              "(max_nonfinite_steps: 2)")
+    assert message.startswith(
+        "step 3: the loss or its gradient was NaN or Inf in 2 optimizer steps in a row (max_nonfinite_steps: 2)"
+    )
     sources = re.findall(r"train\.jsonl:(\d+)", message)
     assert len(sources) == 2 and set(sources) <= {"1", "2", "3", "4"}, message
     assert not (tmp_path / "model.safetensors").exists()
@@ -82,7 +96,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(model_dir, manifest, tmp
 
 
 def test_max_nonfinite_steps_must_be_positive():
-    from orpo.config import ConfigError
+    from orpo.errors import ConfigError
 
     with pytest.raises(ConfigError, match="max_nonfinite_steps must be >= 1"):
         TrainConfig(max_nonfinite_steps=0)

@@ -6,19 +6,33 @@ import time
 
 import pytest
 import torch
-
-import orpo.trainer as trainer
-from orpo.config import TrainConfig
-from orpo.data import PreferenceCollator, PreferenceDataset, WhisperTokens, read_manifest
-from orpo.model import ORPOWhisper
-from orpo.pretrained import adalora_orthogonal_penalty, adalora_ranks, apply_peft, load_processor, load_whisper
 from trainer_helpers import manifest, model_dir, read_metrics, save_short_window_whisper  # noqa: F401 (fixtures)
+
+import orpo.train.loop as trainer
+from orpo.config import TrainConfig
+from orpo.data.collate import PreferenceCollator
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest
+from orpo.data.tokens import WhisperTokens
+from orpo.model.load import load_processor, load_whisper
+from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.model.peft import adalora_orthogonal_penalty, adalora_ranks, apply_peft
 
 
 def config(model_dir, manifest, output_dir, **overrides) -> TrainConfig:
-    settings = dict(base_model=str(model_dir), train_data=str(manifest), output_dir=str(output_dir), learning_rate=1e-2,
-                    max_steps=3, per_device_train_batch_size=2, logging_steps=1, report_to=[], lora_r=4, lora_alpha=8,
-                    lora_dropout=0.0)
+    settings = dict(
+        base_model=str(model_dir),
+        train_data=str(manifest),
+        output_dir=str(output_dir),
+        learning_rate=1e-2,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to=[],
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -44,8 +58,17 @@ def test_adalora_prunes_ranks_and_adds_its_penalty(model_dir, manifest, tmp_path
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
     steps = 8
-    cfg = config(model_dir, manifest, tmp_path, peft="adalora", max_steps=steps, adalora_target_r=1, adalora_tinit=1,
-                 adalora_tfinal=2, lora_target_modules=["q_proj", "v_proj", "fc1"])
+    cfg = config(
+        model_dir,
+        manifest,
+        tmp_path,
+        peft="adalora",
+        max_steps=steps,
+        adalora_target_r=1,
+        adalora_tinit=1,
+        adalora_tfinal=2,
+        lora_target_modules=["q_proj", "v_proj", "fc1"],
+    )
     trainer.train(cfg)
     assert calls == [(step, True) for step in range(steps)]
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -92,7 +115,9 @@ def test_lora_trains_the_encoder_with_gradient_checkpointing(model_dir, manifest
     grads = {name: p.grad for name, p in whisper.named_parameters() if "lora_B" in name}
     encoder = [g for name, g in grads.items() if ".encoder." in name]
     decoder = [g for name, g in grads.items() if ".decoder." in name]
-    assert len(encoder) == 2 * 6 and len(decoder) == 2 * 10  # 2 layers x (q, k, v, out, fc1, fc2 [+ cross q, k, v, out])
+    assert (
+        len(encoder) == 2 * 6 and len(decoder) == 2 * 10
+    )  # 2 layers x (q, k, v, out, fc1, fc2 [+ cross q, k, v, out])
     assert all(g is not None and g.abs().sum() > 0 for g in encoder + decoder)
 
 
@@ -112,8 +137,16 @@ def test_torch_compile_with_lora_and_gradient_checkpointing(model_dir, manifest,
         return real_compile(self, *args, **({"backend": backend} if backend != "inductor" else {}), **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_)
-    cfg = config(model_dir, manifest, tmp_path, peft="lora", gradient_checkpointing=True, torch_compile=True,
-                 max_steps=2, learning_rate=1e-3)
+    cfg = config(
+        model_dir,
+        manifest,
+        tmp_path,
+        peft="lora",
+        gradient_checkpointing=True,
+        torch_compile=True,
+        max_steps=2,
+        learning_rate=1e-3,
+    )
     start = time.perf_counter()
     trainer.train(cfg)
     print(f"torch_compile ({backend}): {time.perf_counter() - start:.1f} s for 2 steps")

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from orpo.plots import main, plot_training_curves, read_metrics, series
+from orpo.plots import main
+from orpo.train.logs import read_metrics
+from orpo.train.plots import plot_training_curves, series
 
 
 def write_metrics(folder, records, tail: str = ""):
@@ -17,16 +19,41 @@ def write_metrics(folder, records, tail: str = ""):
 
 
 def demo_records():
-    records = [{"step": 0, "eval/loss": 0.71, "eval/nll_loss": 0.66, "eval/rewards/margins": 0.035,
-                "eval/rewards/accuracies": 0.7, "eval/wer": 0.216}]
+    records = [
+        {
+            "step": 0,
+            "eval/loss": 0.71,
+            "eval/nll_loss": 0.66,
+            "eval/rewards/margins": 0.035,
+            "eval/rewards/accuracies": 0.7,
+            "eval/wer": 0.216,
+        }
+    ]
     for step in range(2, 17, 2):
-        records.append({"step": step, "loss": 0.7 / step, "nll_loss": 0.6 / step, "rewards/margins": 0.005 * step,
-                        "rewards/accuracies": min(1.0, 0.1 * step), "learning_rate": 1e-5 * (1 - step / 16),
-                        "epoch": step / 8, "grad_norm": 3.0})
+        records.append(
+            {
+                "step": step,
+                "loss": 0.7 / step,
+                "nll_loss": 0.6 / step,
+                "rewards/margins": 0.005 * step,
+                "rewards/accuracies": min(1.0, 0.1 * step),
+                "learning_rate": 1e-5 * (1 - step / 16),
+                "epoch": step / 8,
+                "grad_norm": 3.0,
+            }
+        )
         if step % 8 == 0:
-            records.append({"step": step, "eval/loss": 0.5 - 0.01 * step, "eval/nll_loss": 0.45,
-                            "eval/rewards/margins": 0.05, "eval/rewards/accuracies": 0.7,
-                            "eval/wer": 0.2 - 0.003 * step, "eval/cer": 0.1})
+            records.append(
+                {
+                    "step": step,
+                    "eval/loss": 0.5 - 0.01 * step,
+                    "eval/nll_loss": 0.45,
+                    "eval/rewards/margins": 0.05,
+                    "eval/rewards/accuracies": 0.7,
+                    "eval/wer": 0.2 - 0.003 * step,
+                    "eval/cer": 0.1,
+                }
+            )
     return records
 
 
@@ -48,9 +75,15 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_series_sorts_by_step_and_keeps_the_latest_value_of_a_repeated_step(tmp_path):
     # A resumed run appends: steps 4 and 6 are logged twice; a NaN and a boolean are skipped.
-    records = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.9}, {"step": 6, "loss": 0.8},
-               {"step": 4, "loss": 0.7}, {"step": 6, "loss": float("nan")}, {"step": 8, "loss": True},
-               {"step": 8, "eval/loss": 0.5}]
+    records = [
+        {"step": 2, "loss": 1.0},
+        {"step": 4, "loss": 0.9},
+        {"step": 6, "loss": 0.8},
+        {"step": 4, "loss": 0.7},
+        {"step": 6, "loss": float("nan")},
+        {"step": 8, "loss": True},
+        {"step": 8, "eval/loss": 0.5},
+    ]
     path = write_metrics(tmp_path, records, tail='{"step": 10, "loss": 0.')  # cut mid-write
     loaded = read_metrics(path)
     assert len(loaded) == 7

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, write_manifest
-
-import orpo.trainer as trainer
-from orpo.config import TrainConfig
-from orpo.trainer import StopSignal
 from trainer_helpers import manifest, model_dir, read_metrics, save_short_window_whisper  # noqa: F401 (fixtures)
+
+import orpo.train.loop as trainer
+from orpo.config import TrainConfig
+from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.train.signals import StopSignal
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -54,17 +56,26 @@ def test_second_signal_stops_at_once():
 
 def test_sigint_in_process_saves_and_returns(model_dir, manifest, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real_loss = trainer.orpo_loss
+    real_forward = ORPOWhisper.forward
 
-    def loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*args, **kwargs)
+    def forward(self, batch):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                signal.raise_signal(signal.SIGINT)
+        return real_forward(self, batch)
 
-    monkeypatch.setattr(trainer, "orpo_loss", loss)
-    cfg = TrainConfig(base_model=str(model_dir), train_data=str(manifest), output_dir=str(tmp_path), max_steps=5,
-                      per_device_train_batch_size=2, logging_steps=1, report_to=[], learning_rate=1e-3)
+    monkeypatch.setattr(ORPOWhisper, "forward", forward)
+    cfg = TrainConfig(
+        base_model=str(model_dir),
+        train_data=str(manifest),
+        output_dir=str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to=[],
+        learning_rate=1e-3,
+    )
     assert trainer.train(cfg) == {}
     assert "Stopped by SIGINT after optimizer step 2 of 5" in capsys.readouterr().out
     assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
@@ -76,11 +87,27 @@ def test_sigint_in_process_saves_and_returns(model_dir, manifest, tmp_path, monk
 def test_sigterm_to_train_py_checkpoints_and_the_printed_command_resumes(model_dir, manifest, tmp_path):
     steps = 30
     output_dir = tmp_path / "out"
-    command = [sys.executable, "train.py", "--base_model", str(model_dir), "--train_data", str(manifest),
-               "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
-               "--logging_steps", "1", "--learning_rate", "1e-3", "--report_to", "none"]
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    command = [
+        sys.executable,
+        "train.py",
+        "--base_model",
+        str(model_dir),
+        "--train_data",
+        str(manifest),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "2",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_first_step(process, output_dir)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
@@ -94,8 +121,7 @@ def test_sigterm_to_train_py_checkpoints_and_the_printed_command_resumes(model_d
     assert resume == (f"python train.py --config {output_dir / 'config.yaml'} --resume_from_checkpoint latest")
 
     args = shlex.split(resume)
-    result = subprocess.run([sys.executable] + args[1:], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable] + args[1:], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(output_dir)] == list(range(1, steps + 1))
     assert (output_dir / "model.safetensors").is_file()
@@ -104,9 +130,23 @@ def test_sigterm_to_train_py_checkpoints_and_the_printed_command_resumes(model_d
 
 
 def launch_two_processes(args: list[str], port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", str(port),
-               "train.py"] + args
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--multi_gpu",
+        "--main_process_port",
+        str(port),
+        "train.py",
+    ] + args
     return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -136,9 +176,28 @@ def test_two_processes_agree_to_stop_and_resume_exactly(model_dir, tmp_path):
     steps = 40
 
     def args(output_dir: Path) -> list[str]:
-        return ["--base_model", str(model_dir), "--train_data", str(manifest), "--output_dir", str(output_dir),
-                "--max_steps", str(steps), "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                "--logging_steps", "1", "--learning_rate", "1e-3", "--report_to", "none", "--seed", "3"]
+        return [
+            "--base_model",
+            str(model_dir),
+            "--train_data",
+            str(manifest),
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            str(steps),
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            "--report_to",
+            "none",
+            "--seed",
+            "3",
+        ]
 
     uninterrupted = launch_two_processes(args(tmp_path / "A"), 29541)
     output = uninterrupted.communicate(timeout=900)[0]

@@ -9,9 +9,13 @@ import torch
 from conftest import tiny_whisper_config, write_clip
 from transformers import WhisperForConditionalGeneration
 
-from orpo.data import PreferenceCollator, PreferenceDataset, WhisperTokens, read_manifest
+from orpo.data.collate import PreferenceCollator
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest
+from orpo.data.tokens import WhisperTokens
 from orpo.loss import orpo_loss
-from orpo.model import ORPOWhisper, two_pass_forward
+from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.model.reference import two_pass_forward
 
 EOT = 50257
 ALPHA = 0.5
@@ -19,8 +23,7 @@ ALPHA = 0.5
 CLIPS = [
     ("we meet at two o'clock", ["we meet at to o'clock", "we met at two", "wee meat at two o'clock"]),
     ("the cat sat on the mat", ["the cat sat on the map"]),
-    ("please write it down", ["please right it down", "please write it town", "police write it down",
-                              "please write"]),
+    ("please write it down", ["please right it down", "please write it town", "police write it down", "please write"]),
 ]
 
 
@@ -33,8 +36,16 @@ def dataset(tmp_path, processor, clips):
     lines = []
     for i, (chosen, rejected) in enumerate(clips):
         write_clip(tmp_path / f"c{i}.wav", 1.0 + 0.25 * i, seed=i)
-        lines.append(json.dumps({"audio": {"path": f"c{i}.wav"}, "chosen": chosen,
-                                 "rejected": rejected if len(rejected) > 1 else rejected[0], "language": "en"}))
+        lines.append(
+            json.dumps(
+                {
+                    "audio": {"path": f"c{i}.wav"},
+                    "chosen": chosen,
+                    "rejected": rejected if len(rejected) > 1 else rejected[0],
+                    "language": "en",
+                }
+            )
+        )
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
     tokens = WhisperTokens(processor.tokenizer, multilingual=True, task="transcribe", timestamps=False, max_length=448)
     return PreferenceDataset(read_manifest(tmp_path / "m.jsonl"), processor.feature_extractor, tokens, None, 0.0, 30.0)
@@ -60,16 +71,22 @@ def test_k_rejected_one_pass_equals_k_separate_two_pass_pairs(tmp_path, processo
                 calls["encoder_rows"] += (args[0] if args else kwargs["input_features"]).shape[0]
             else:
                 calls["decoder_rows"] += (args[0] if args else kwargs["input_ids"]).shape[0]
+
         return hook
 
-    handles = [model.model.encoder.register_forward_pre_hook(count("encoder"), with_kwargs=True),
-               model.model.decoder.register_forward_pre_hook(count("decoder"), with_kwargs=True)]
+    handles = [
+        model.model.encoder.register_forward_pre_hook(count("encoder"), with_kwargs=True),
+        model.model.decoder.register_forward_pre_hook(count("decoder"), with_kwargs=True),
+    ]
     batch = PreferenceCollator(EOT)(items)
     assert batch["num_segments"].tolist() == [4, 2, 5]
     out = ORPOWhisper(model)(batch)
     assert out["logps_rejected"].shape == (3, 4)
-    assert out["rejected_mask"].tolist() == [[True, True, True, False], [True, False, False, False],
-                                             [True, True, True, True]]
+    assert out["rejected_mask"].tolist() == [
+        [True, True, True, False],
+        [True, False, False, False],
+        [True, True, True, True],
+    ]
     loss, _ = orpo_loss(out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], ALPHA)
     grads = torch.autograd.grad(loss, params)
     # 3 clips, 1 + 3 + 1 + 1 + 1 + 4 = 12 transcripts: one encoder call over 3 rows, one decoder call over 3 rows
@@ -88,8 +105,13 @@ def test_k_rejected_one_pass_equals_k_separate_two_pass_pairs(tmp_path, processo
         ref = two_pass_forward(model, pairs, pad_token_id=EOT)
         for j, i in enumerate(clips):
             one = slice(j, j + 1)
-            pair_loss, _ = orpo_loss(ref["logps_chosen"][one], ref["logps_rejected"][one], ref["rejected_mask"][one],
-                                     ref["nll_chosen"][one], ALPHA)
+            pair_loss, _ = orpo_loss(
+                ref["logps_chosen"][one],
+                ref["logps_rejected"][one],
+                ref["rejected_mask"][one],
+                ref["nll_chosen"][one],
+                ALPHA,
+            )
             pair_losses[i].append(pair_loss)  # nll_i - alpha * logsigmoid(log odds_ik); nll_i is the same for every k
     assert [len(p) for p in pair_losses] == [3, 1, 4]
     reference = torch.stack([torch.stack(p).mean() for p in pair_losses]).mean()
@@ -97,7 +119,7 @@ def test_k_rejected_one_pass_equals_k_separate_two_pass_pairs(tmp_path, processo
 
     assert abs(loss.item() - reference.item()) <= 1e-5 * abs(reference.item())
     diff = torch.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(grads, reference_grads)))
-    norm = torch.sqrt(sum((r ** 2).sum() for r in reference_grads))
+    norm = torch.sqrt(sum((r**2).sum() for r in reference_grads))
     assert norm > 0 and (diff / norm).item() <= 1e-5
     for g, r in zip(grads, reference_grads):
         assert torch.linalg.norm(g - r) <= 1e-5 * torch.linalg.norm(r) + 1e-9

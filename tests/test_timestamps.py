@@ -9,21 +9,18 @@ from pathlib import Path
 import pytest
 from conftest import write_clip
 
-from orpo.data import (
-    ManifestError,
-    PreferenceCollator,
-    PreferenceDataset,
-    Segment,
-    WhisperTokens,
-    pack_segments,
-    read_manifest,
-)
+from orpo.data.collate import PreferenceCollator, pack_segments
+from orpo.data.dataset import PreferenceDataset
+from orpo.data.manifest import read_manifest
+from orpo.data.schema import Segment
+from orpo.data.tokens import WhisperTokens
+from orpo.errors import ManifestError
 
 # Multilingual (pre-v3) Whisper ids, as pinned by tests/test_tokenizer_fixture.py.
 EOT, SOT, EN, TRANSCRIBE, NO_TIMESTAMPS = 50257, 50258, 50259, 50359, 50363
 T0 = 50364  # <|0.00|>; <|t|> is T0 + t / 0.02, up to <|30.00|> = 51864
 HELLO_WORLD = [2425, 1002]  # " Hello world"
-HELLO = [2425]              # " Hello"
+HELLO = [2425]  # " Hello"
 
 
 def ts(seconds: float) -> int:
@@ -32,8 +29,9 @@ def ts(seconds: float) -> int:
 
 
 def tokens_for(processor, timestamps=True, multilingual=True) -> WhisperTokens:
-    return WhisperTokens(processor.tokenizer, multilingual=multilingual, task="transcribe", timestamps=timestamps,
-                         max_length=448)
+    return WhisperTokens(
+        processor.tokenizer, multilingual=multilingual, task="transcribe", timestamps=timestamps, max_length=448
+    )
 
 
 def write_lines(path: Path, records: list) -> Path:
@@ -89,8 +87,8 @@ def test_transcript_mask_counts_timestamp_tokens(processor):
     rejected = tokens.sequence("English", [Segment(0.0, 2.0, "Hello")])
     row = pack_segments([chosen, rejected])
     for (ids, prefix_len), start in ((chosen, 0), (rejected, len(chosen[0]) - 1)):
-        labels = row["labels"][start:start + len(ids) - 1]
-        mask = row["transcript"][start:start + len(ids) - 1]
+        labels = row["labels"][start : start + len(ids) - 1]
+        mask = row["transcript"][start : start + len(ids) - 1]
         assert labels == ids[1:]
         # every label from the first timestamp token to <|endoftext|> counts; <|en|><|transcribe|> do not
         assert mask == [label not in (EN, TRANSCRIBE) for label in labels]
@@ -100,13 +98,17 @@ def test_transcript_mask_counts_timestamp_tokens(processor):
 
 def test_manifest_segment_forms(clip, processor):
     chosen = [seg(0.0, 1.4, "Hello world"), seg(1.5, 2.0, "Hello")]
-    manifest = write_lines(clip / "m.jsonl", [
-        base_record(chosens=chosen, rejecteds=[seg(0.0, 2.0, "Hello")]),                     # the keys
-        base_record(chosen=chosen, rejected=[[seg(0.0, 2.0, "Hello")], [seg(0.1, 1.0, "world")]]),  # lists in place
-        base_record(chosen="Hello world. Hello!", chosens=chosen, rejected="Hello",
-                    rejecteds=[seg(0.0, 2.0, "Hello")]),                                      # text and segments
-        base_record(chosen="plain", rejected="plainer"),
-    ])
+    manifest = write_lines(
+        clip / "m.jsonl",
+        [
+            base_record(chosens=chosen, rejecteds=[seg(0.0, 2.0, "Hello")]),  # the keys
+            base_record(chosen=chosen, rejected=[[seg(0.0, 2.0, "Hello")], [seg(0.1, 1.0, "world")]]),  # lists in place
+            base_record(
+                chosen="Hello world. Hello!", chosens=chosen, rejected="Hello", rejecteds=[seg(0.0, 2.0, "Hello")]
+            ),  # text and segments
+            base_record(chosen="plain", rejected="plainer"),
+        ],
+    )
     samples = read_manifest(manifest)
     first, second, third, plain = samples
     assert first.chosen == "Hello world Hello" and first.rejected == ["Hello"]
@@ -125,18 +127,22 @@ def test_manifest_segment_forms(clip, processor):
     assert batch["num_segments"].tolist() == [2, 3]
 
     # Without timestamps the same manifest trains on the text (segment texts joined)
-    plain_ds = PreferenceDataset(samples, processor.feature_extractor, tokens_for(processor, timestamps=False),
-                                 None, 0.0, 30.0)
+    plain_ds = PreferenceDataset(
+        samples, processor.feature_extractor, tokens_for(processor, timestamps=False), None, 0.0, 30.0
+    )
     text_tokens = tokens_for(processor, timestamps=False)
     assert plain_ds.items[0].segments[0][0] == text_tokens.sequence("English", "Hello world Hello")[0]
     assert plain_ds.items[2].segments[0][0] == text_tokens.sequence("English", "Hello world. Hello!")[0]
 
 
 def test_plain_text_with_timestamps_is_an_error(clip, processor):
-    manifest = write_lines(clip / "m.jsonl", [
-        base_record(chosens=[seg(0.0, 1.0, "Hello")], rejecteds=[seg(0.0, 1.0, "Hi")]),
-        base_record(chosens=[seg(0.0, 1.0, "Hello")], rejected=["Hi", "Ho"]),
-    ])
+    manifest = write_lines(
+        clip / "m.jsonl",
+        [
+            base_record(chosens=[seg(0.0, 1.0, "Hello")], rejecteds=[seg(0.0, 1.0, "Hi")]),
+            base_record(chosens=[seg(0.0, 1.0, "Hello")], rejected=["Hi", "Ho"]),
+        ],
+    )
     samples = read_manifest(manifest)
     with pytest.raises(ManifestError, match=rf"^{re.escape(str(manifest))}:2: field 'rejected\[0\]' is plain text"):
         PreferenceDataset(samples, processor.feature_extractor, tokens_for(processor), None, 0.0, 30.0)
@@ -145,21 +151,36 @@ def test_plain_text_with_timestamps_is_an_error(clip, processor):
 GOOD = [seg(0.0, 1.0, "one"), seg(1.2, 2.0, "two")]
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(chosens=[seg(0.0, 1.0, "one"), seg(1.5, 1.2, "two")]), "'chosens[1].end' (1.2 s) is before its start"),
-    (dict(chosens=[seg(0.0, 1.0, "one"), seg(1.2, 3.5, "two")]), "'chosens[1].end' (3.5 s) is beyond the clip's duration (3.00 s)"),
-    (dict(chosens=[seg(0.0, 1.0, "one"), seg(0.8, 2.0, "two")]), "'chosens[1].start' (0.8 s) is before the end of the previous segment"),
-    (dict(chosens=[seg(1.2, 2.0, "two"), seg(0.0, 1.0, "one")]), "'chosens[1].start' (0.0 s) is before the end"),
-    (dict(chosens=[seg(-0.1, 1.0, "one")]), "'chosens[0].start' is negative"),
-    (dict(chosens=[{"start": 0.0, "text": "one"}]), "'chosens[0].end' is missing"),
-    (dict(chosens=[{"start": "0", "end": 1.0, "text": "one"}]), "'chosens[0].start' must be a number"),
-    (dict(chosens=[seg(0.0, 1.0, "  ")]), "'chosens[0].text' must be a non-empty string"),
-    (dict(chosens=[]), "'chosens' must be a non-empty list of segments"),
-    (dict(chosens="text"), "'chosens' must be a non-empty list of segments"),
-    (dict(rejecteds=[[seg(0.0, 1.0, "a")], [seg(0.5, 0.2, "b")]]), "'rejecteds[1][0].end' (0.2 s) is before its start"),
-    (dict(rejected=["a", "b"], rejecteds=[seg(0.0, 1.0, "a")]), "'rejected' holds 2 transcripts but 'rejecteds' holds 1"),
-    (dict(chosen=[seg(0.0, 1.0, "one"), "two"]), "'chosen' must be a non-empty string or a list of segments"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(chosens=[seg(0.0, 1.0, "one"), seg(1.5, 1.2, "two")]), "'chosens[1].end' (1.2 s) is before its start"),
+        (
+            dict(chosens=[seg(0.0, 1.0, "one"), seg(1.2, 3.5, "two")]),
+            "'chosens[1].end' (3.5 s) is beyond the clip's duration (3.00 s)",
+        ),
+        (
+            dict(chosens=[seg(0.0, 1.0, "one"), seg(0.8, 2.0, "two")]),
+            "'chosens[1].start' (0.8 s) is before the end of the previous segment",
+        ),
+        (dict(chosens=[seg(1.2, 2.0, "two"), seg(0.0, 1.0, "one")]), "'chosens[1].start' (0.0 s) is before the end"),
+        (dict(chosens=[seg(-0.1, 1.0, "one")]), "'chosens[0].start' is negative"),
+        (dict(chosens=[{"start": 0.0, "text": "one"}]), "'chosens[0].end' is missing"),
+        (dict(chosens=[{"start": "0", "end": 1.0, "text": "one"}]), "'chosens[0].start' must be a number"),
+        (dict(chosens=[seg(0.0, 1.0, "  ")]), "'chosens[0].text' must be a non-empty string"),
+        (dict(chosens=[]), "'chosens' must be a non-empty list of segments"),
+        (dict(chosens="text"), "'chosens' must be a non-empty list of segments"),
+        (
+            dict(rejecteds=[[seg(0.0, 1.0, "a")], [seg(0.5, 0.2, "b")]]),
+            "'rejecteds[1][0].end' (0.2 s) is before its start",
+        ),
+        (
+            dict(rejected=["a", "b"], rejecteds=[seg(0.0, 1.0, "a")]),
+            "'rejected' holds 2 transcripts but 'rejecteds' holds 1",
+        ),
+        (dict(chosen=[seg(0.0, 1.0, "one"), "two"]), "'chosen' must be a non-empty string or a list of segments"),
+    ],
+)
 def test_bad_segments_name_file_line_and_field(clip, fields, message):
     rec = base_record(chosens=GOOD, rejecteds=GOOD)
     rec.update(fields)

@@ -19,8 +19,9 @@ def save_short_window_whisper(path: Path, seed: int = 0, **overrides) -> Path:
 
     save_tiny_whisper(path, seed=seed, max_source_positions=CHUNK_SECONDS * 50, **overrides)
     tokenizer = WhisperProcessor.from_pretrained(path).tokenizer
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(chunk_length=CHUNK_SECONDS),
-                     tokenizer=tokenizer).save_pretrained(path)
+    WhisperProcessor(
+        feature_extractor=WhisperFeatureExtractor(chunk_length=CHUNK_SECONDS), tokenizer=tokenizer
+    ).save_pretrained(path)
     return path
 
 

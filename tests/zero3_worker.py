@@ -40,20 +40,33 @@ def main() -> None:
     from transformers import GenerationMixin, WhisperConfig
 
     from orpo.config import TrainConfig
-    from orpo.data import PreferenceCollator
-    from orpo.distributed import (accelerator_device_kwargs, check_launch_config, consolidated_whisper,
-                                  fill_deepspeed_config, generation_kwargs, whole_model_loading, zero_stage)
+    from orpo.data.collate import PreferenceCollator
+    from orpo.data.dataset import build_datasets
     from orpo.loss import orpo_loss
-    from orpo.model import ORPOWhisper
-    from orpo.pretrained import apply_peft, load_processor, load_whisper, save_final_model
-    from orpo.trainer import build_datasets, make_optimizer
+    from orpo.model.load import load_processor, load_whisper, save_final_model
+    from orpo.model.orpo_whisper import ORPOWhisper
+    from orpo.model.peft import apply_peft
+    from orpo.scale.checks import check_launch_config
+    from orpo.scale.launch import accelerator_device_kwargs, zero_stage
+    from orpo.scale.zero3 import consolidated_whisper, fill_deepspeed_config, generation_kwargs, whole_model_loading
+    from orpo.train.loop import make_optimizer
 
     peft = mode == "peft"
-    cfg = TrainConfig(base_model=model_dir, train_data=train_manifest, test_data=test_manifest,
-                      per_device_train_batch_size=2, learning_rate=1e-2, gradient_checkpointing=not peft,
-                      peft="lora" if peft else "none", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                      report_to=[], output_dir=str(out_dir))
-    check_launch_config(cfg, argv=[])
+    cfg = TrainConfig(
+        base_model=model_dir,
+        train_data=train_manifest,
+        test_data=test_manifest,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        gradient_checkpointing=not peft,
+        peft="lora" if peft else "none",
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        report_to=[],
+        output_dir=str(out_dir),
+    )
+    check_launch_config(cfg)
     accelerator = Accelerator(mixed_precision="no", **accelerator_device_kwargs())
     rank, world = accelerator.process_index, accelerator.num_processes
     result = {"world_size": world, "zero_stage": zero_stage(accelerator)}
@@ -81,13 +94,14 @@ def main() -> None:
 
     def loss_of(module, batch):
         out = module(batch)
-        loss, _ = orpo_loss(out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"],
-                            cfg.alpha)
+        loss, _ = orpo_loss(
+            out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], cfg.alpha
+        )
         return loss
 
     # This rank's half of the global batch, and the whole batch for the reference.
     global_batch = [train_set[i] for i in range(cfg.per_device_train_batch_size * world)]
-    local = collate(global_batch[rank * 2:rank * 2 + 2])
+    local = collate(global_batch[rank * 2 : rank * 2 + 2])
     whole = collate(global_batch)
     engine.train()
     loss = loss_of(engine, local)
@@ -120,7 +134,8 @@ def main() -> None:
         whisper_live = engine.module.whisper
         features = local["input_features"]
         start = processor.tokenizer.convert_tokens_to_ids(
-            ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
+            ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+        )
         prefix = torch.tensor([start] * features.shape[0])
         new_tokens = 3 + 6 * rank
         kwargs = generation_kwargs(accelerator)
@@ -129,18 +144,24 @@ def main() -> None:
         config.forced_decoder_ids = None
         config.update(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         with torch.no_grad():
-            out = GenerationMixin.generate(whisper_live, input_features=features, decoder_input_ids=prefix,
-                                           generation_config=config, **kwargs)
-            expected = GenerationMixin.generate(reference.whisper.eval(), input_features=features,
-                                                decoder_input_ids=prefix, generation_config=copy.deepcopy(config))
+            out = GenerationMixin.generate(
+                whisper_live, input_features=features, decoder_input_ids=prefix, generation_config=config, **kwargs
+            )
+            expected = GenerationMixin.generate(
+                reference.whisper.eval(),
+                input_features=features,
+                decoder_input_ids=prefix,
+                generation_config=copy.deepcopy(config),
+            )
         lengths = accelerator.gather(torch.tensor([out.shape[1]])).tolist()
         result["generated_lengths"] = lengths
         same = torch.tensor([float(torch.equal(out, expected))])
         result["generation_matches_reference"] = bool(accelerator.gather(same).min() == 1)
 
-        from orpo.evaluate import generate_transcripts, make_generation_loader
+        from orpo.eval.generate import generate_transcripts
+        from orpo.eval.wer import generation_loader
 
-        gen_loader = accelerator.prepare(make_generation_loader(test_set, processor.tokenizer, batch_size=2))
+        gen_loader = accelerator.prepare(generation_loader(test_set, batch_size=2))
         texts = generate_transcripts(engine, gen_loader, accelerator, processor.tokenizer, max_length=12)
         result["transcribed_clips"] = len(texts)
         result["test_clips"] = len(test_set)
@@ -166,14 +187,15 @@ def main() -> None:
                 merged = WhisperForConditionalGeneration.from_pretrained(out_dir)
             stored = {n: p.detach() for n, p in reloaded.named_parameters() if "lora_" in n}
             # Live names carry ORPOWhisper's "whisper." prefix.
-            pairs = [(stored.get(n[len("whisper."):]), t) for n, t in live.items()]
+            pairs = [(stored.get(n[len("whisper.") :]), t) for n, t in live.items()]
             result["adapter_tensors"] = len(pairs)
             result["adapter_missing"] = sum(s is None for s, _ in pairs)
             result["adapter_max_abs_diff"] = max(float((s - t).abs().max()) for s, t in pairs if s is not None)
             result["lora_B_nonzero"] = any(float(t.abs().max()) > 0 for n, t in live.items() if "lora_B" in n)
             expected = reloaded.merge_and_unload()
-            result["merged_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in
-                                                zip(merged.state_dict().values(), expected.state_dict().values()))
+            result["merged_max_abs_diff"] = max(
+                float((a - b).abs().max()) for a, b in zip(merged.state_dict().values(), expected.state_dict().values())
+            )
             head, embedding = merged.proj_out.weight, merged.model.decoder.embed_tokens.weight
             result["merged_tied"] = head.data_ptr() == embedding.data_ptr()
     if accelerator.is_main_process:

@@ -23,6 +23,7 @@ Usage:
 A transformers copy of tiny.en for --transcribe can be made offline with
 `python /work/shared/realwhisper/convert_ct2_whisper.py /tmp/tiny.en`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,137 +70,263 @@ STYLES = [
 #   rejected_from -- "tiny_en": the manifest's "rejected" is tiny.en's own mistaken transcript;
 #                    "hand": tiny.en was right (or only differed in formatting), so "hand" is used.
 TRAIN = [
-    dict(text="I think their house is over there by the river.",
-         hand="I think there house is over their by the river.",
-         tiny_en="I think their house in Mobile never might be river.", rejected_from="tiny_en"),
-    dict(text="Please write your name on the right side of the page.",
-         hand="Please right your name on the write side of the page.",
-         tiny_en="Please write your name on the right side of the page.", rejected_from="hand"),
-    dict(text="We bought two tickets to the concert on Friday night.",
-         hand="We bought to tickets to the concert on Friday night.",
-         tiny_en="We want to take it to the concert on Friday night.", rejected_from="tiny_en"),
-    dict(text="The train to Boston leaves at 7:45 tomorrow morning.",
-         hand="The train to Austin leaves at 7:15 tomorrow morning.",
-         tiny_en="The Train to Austin leaves at 745 tomorrow morning.", rejected_from="tiny_en"),
-    dict(text="My sister Karen moved to Seattle last year.",
-         hand="My sister Carol moved to Seattle last year.",
-         tiny_en="my sister Karen moved to Seattle last year.", rejected_from="hand"),
-    dict(text="Could you turn the lights off before you leave?",
-         hand="Could you turn the light off before you leave?",
-         tiny_en="Could you turn the lights off before you leave?", rejected_from="hand"),
-    dict(text="The weather forecast says it will rain all weekend.",
-         hand="The whether forecast says it will rain all weekend.",
-         tiny_en="But whenever forecast and it will rain all weekend.", rejected_from="tiny_en"),
-    dict(text="I left my keys in the kitchen next to the sink.",
-         hand="I left my keys in the kitchen next the sink.",
-         tiny_en="I left my keys in the kitchen next to missing.", rejected_from="tiny_en"),
-    dict(text="He scored 23 points in the second half of the game.",
-         hand="He scored 33 points in the second half of the game.",
-         tiny_en="He scored 23 points in the second half of the game.", rejected_from="hand"),
-    dict(text="Our flight was delayed by almost three hours.",
-         hand="Our flight was delayed by most three hours.",
-         tiny_en="Now if light was delayed, I almost 3 hours.", rejected_from="tiny_en"),
-    dict(text="She reads a new book every week during the summer.",
-         hand="She reads a new book every weak during the summer.",
-         tiny_en="She reads a new book every week during the summer.", rejected_from="hand"),
-    dict(text="The doctor told him to drink more water each day.",
-         hand="The doctor told him too drink more water each day.",
-         tiny_en="The Doctor told him to drink more water each May.", rejected_from="tiny_en"),
-    dict(text="Let's meet outside the library at noon.",
-         hand="Let's meet outside a library at noon.",
-         tiny_en="Let's meet outside the library at noon.", rejected_from="hand"),
-    dict(text="The package should arrive sometime before Thursday afternoon.",
-         hand="The package should arrive some time before Thursday afternoon.",
-         tiny_en="The package should arrive sometime before Thursday afternoon.", rejected_from="hand"),
-    dict(text="I can't hear you very well on this phone.",
-         hand="I can hear you very well on this phone.",
-         tiny_en="I can't hear you very well on this phone.", rejected_from="hand"),
-    dict(text="Peter and Maria are getting married in June.",
-         hand="Peter and Mario are getting married in June.",
-         tiny_en="Peter and Maria are getting married in June.", rejected_from="hand"),
-    dict(text="Please knock on the door before you come in.",
-         hand="Please knock on the door for you come in.",
-         tiny_en="Please knock on the door before you come in.", rejected_from="hand"),
-    dict(text="We spent $15 on lunch at the new cafe.",
-         hand="We spent $50 on lunch at the new cafe.",
-         tiny_en="We spent $15 on lunch at the new cafe.", rejected_from="hand"),
-    dict(text="The kids were playing soccer in the park all afternoon.",
-         hand="The kids were playing soccer in the park all after noon.",
-         tiny_en="The kids were playing soccer in the park all afternoon.", rejected_from="hand"),
-    dict(text="I would like a cup of tea with milk, please.",
-         hand="I would like a cup of tea with mild, please.",
-         tiny_en="I will die, cup of tea with milk, please.", rejected_from="tiny_en"),
-    dict(text="Turn left at the second traffic light.",
-         hand="Turn left at a second traffic light.",
-         tiny_en="Turn left at the second traffic light", rejected_from="hand"),
-    dict(text="The new bridge was finally opened in 2019.",
-         hand="The new bridge was finally opened in 2009.",
-         tiny_en="The New Bridge was finally opened in 2019.", rejected_from="hand"),
-    dict(text="My grandmother bakes bread every Saturday morning.",
-         hand="My grandmother bakes bred every Saturday morning.",
-         tiny_en="My grandmother makes red every Saturday morning.", rejected_from="tiny_en"),
-    dict(text="Did you remember to lock the back door?",
-         hand="Did you remember to look the back door?",
-         tiny_en="Did you remember to lock my back door?", rejected_from="tiny_en"),
-    dict(text="James wants to study medicine at the university.",
-         hand="James once to study medicine at the university.",
-         tiny_en="James Wan to study medicine at the University.", rejected_from="tiny_en"),
-    dict(text="The movie was too long, but the ending was great.",
-         hand="The movie was two long, but the ending was great.",
-         tiny_en="a movie was too long, but the ending was great.", rejected_from="tiny_en"),
-    dict(text="Can you send me the report by the end of the day?",
-         hand="Can you send me the report by the end of today?",
-         tiny_en="Can you send me the report by the end of the page?", rejected_from="tiny_en"),
-    dict(text="There are 12 eggs in the fridge and no milk.",
-         hand="There are 20 eggs in the fridge and no milk.",
-         tiny_en="There are 12 back in the fridge and no milk.", rejected_from="tiny_en"),
-    dict(text="We walked along the beach and watched the sunset.",
-         hand="We walked along the beach and watched the sun set.",
-         tiny_en="We walked along the beach and rushed to the sunset.", rejected_from="tiny_en"),
-    dict(text="The children ate all the cookies before dinner.",
-         hand="The children eight all the cookies before dinner.",
-         tiny_en="Children ate all the cooking before dinner", rejected_from="tiny_en"),
-    dict(text="I need to buy some flour to make a cake.",
-         hand="I need to buy some flower to make a cake.",
-         tiny_en="I need to buy some flour to make a cake.", rejected_from="hand"),
-    dict(text="Sarah will pick us up from the airport at six.",
-         hand="Sara will pick us up from the airport at six.",
-         tiny_en="Sarah will be caught up from the airport at 6.", rejected_from="tiny_en"),
+    dict(
+        text="I think their house is over there by the river.",
+        hand="I think there house is over their by the river.",
+        tiny_en="I think their house in Mobile never might be river.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Please write your name on the right side of the page.",
+        hand="Please right your name on the write side of the page.",
+        tiny_en="Please write your name on the right side of the page.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="We bought two tickets to the concert on Friday night.",
+        hand="We bought to tickets to the concert on Friday night.",
+        tiny_en="We want to take it to the concert on Friday night.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The train to Boston leaves at 7:45 tomorrow morning.",
+        hand="The train to Austin leaves at 7:15 tomorrow morning.",
+        tiny_en="The Train to Austin leaves at 745 tomorrow morning.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="My sister Karen moved to Seattle last year.",
+        hand="My sister Carol moved to Seattle last year.",
+        tiny_en="my sister Karen moved to Seattle last year.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Could you turn the lights off before you leave?",
+        hand="Could you turn the light off before you leave?",
+        tiny_en="Could you turn the lights off before you leave?",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The weather forecast says it will rain all weekend.",
+        hand="The whether forecast says it will rain all weekend.",
+        tiny_en="But whenever forecast and it will rain all weekend.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="I left my keys in the kitchen next to the sink.",
+        hand="I left my keys in the kitchen next the sink.",
+        tiny_en="I left my keys in the kitchen next to missing.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="He scored 23 points in the second half of the game.",
+        hand="He scored 33 points in the second half of the game.",
+        tiny_en="He scored 23 points in the second half of the game.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Our flight was delayed by almost three hours.",
+        hand="Our flight was delayed by most three hours.",
+        tiny_en="Now if light was delayed, I almost 3 hours.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="She reads a new book every week during the summer.",
+        hand="She reads a new book every weak during the summer.",
+        tiny_en="She reads a new book every week during the summer.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The doctor told him to drink more water each day.",
+        hand="The doctor told him too drink more water each day.",
+        tiny_en="The Doctor told him to drink more water each May.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Let's meet outside the library at noon.",
+        hand="Let's meet outside a library at noon.",
+        tiny_en="Let's meet outside the library at noon.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The package should arrive sometime before Thursday afternoon.",
+        hand="The package should arrive some time before Thursday afternoon.",
+        tiny_en="The package should arrive sometime before Thursday afternoon.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="I can't hear you very well on this phone.",
+        hand="I can hear you very well on this phone.",
+        tiny_en="I can't hear you very well on this phone.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Peter and Maria are getting married in June.",
+        hand="Peter and Mario are getting married in June.",
+        tiny_en="Peter and Maria are getting married in June.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Please knock on the door before you come in.",
+        hand="Please knock on the door for you come in.",
+        tiny_en="Please knock on the door before you come in.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="We spent $15 on lunch at the new cafe.",
+        hand="We spent $50 on lunch at the new cafe.",
+        tiny_en="We spent $15 on lunch at the new cafe.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The kids were playing soccer in the park all afternoon.",
+        hand="The kids were playing soccer in the park all after noon.",
+        tiny_en="The kids were playing soccer in the park all afternoon.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="I would like a cup of tea with milk, please.",
+        hand="I would like a cup of tea with mild, please.",
+        tiny_en="I will die, cup of tea with milk, please.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Turn left at the second traffic light.",
+        hand="Turn left at a second traffic light.",
+        tiny_en="Turn left at the second traffic light",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The new bridge was finally opened in 2019.",
+        hand="The new bridge was finally opened in 2009.",
+        tiny_en="The New Bridge was finally opened in 2019.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="My grandmother bakes bread every Saturday morning.",
+        hand="My grandmother bakes bred every Saturday morning.",
+        tiny_en="My grandmother makes red every Saturday morning.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Did you remember to lock the back door?",
+        hand="Did you remember to look the back door?",
+        tiny_en="Did you remember to lock my back door?",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="James wants to study medicine at the university.",
+        hand="James once to study medicine at the university.",
+        tiny_en="James Wan to study medicine at the University.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The movie was too long, but the ending was great.",
+        hand="The movie was two long, but the ending was great.",
+        tiny_en="a movie was too long, but the ending was great.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Can you send me the report by the end of the day?",
+        hand="Can you send me the report by the end of today?",
+        tiny_en="Can you send me the report by the end of the page?",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="There are 12 eggs in the fridge and no milk.",
+        hand="There are 20 eggs in the fridge and no milk.",
+        tiny_en="There are 12 back in the fridge and no milk.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="We walked along the beach and watched the sunset.",
+        hand="We walked along the beach and watched the sun set.",
+        tiny_en="We walked along the beach and rushed to the sunset.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The children ate all the cookies before dinner.",
+        hand="The children eight all the cookies before dinner.",
+        tiny_en="Children ate all the cooking before dinner",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="I need to buy some flour to make a cake.",
+        hand="I need to buy some flower to make a cake.",
+        tiny_en="I need to buy some flour to make a cake.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Sarah will pick us up from the airport at six.",
+        hand="Sara will pick us up from the airport at six.",
+        tiny_en="Sarah will be caught up from the airport at 6.",
+        rejected_from="tiny_en",
+    ),
 ]
 
 TEST = [
-    dict(text="The mail usually arrives just before lunch.",
-         hand="The male usually arrives just before lunch.",
-         tiny_en="The mail usually arrives just before lunch.", rejected_from="hand"),
-    dict(text="Our team won the match by four goals.",
-         hand="Our team one the match by for goals.",
-         tiny_en="our team won the match by four goals.", rejected_from="hand"),
-    dict(text="Hannah and her brother flew to Chicago on Monday.",
-         hand="Hannah and her brother flu to Chicago on Monday.",
-         tiny_en="And then the brother flew to Chicago on Monday", rejected_from="tiny_en"),
-    dict(text="The hotel room costs $120 per night.",
-         hand="The hotel room costs $220 per night.",
-         # tiny.en's "$1.20" is a real error, but it normalises to the same "120", so the
-         # hand-written variant is used.
-         tiny_en="The hotel room costs $1.20 per night.", rejected_from="hand"),
-    dict(text="Please wait here until the nurse calls your name.",
-         hand="Please wait hear until the nurse calls your name.",
-         tiny_en="Please wait here until the nurse calls your name.", rejected_from="hand"),
-    dict(text="I'm not sure whether we should leave now or later.",
-         hand="I'm not sure weather we should leave now or later.",
-         tiny_en="I'm not sure whether we should leave now or later.", rejected_from="hand"),
-    dict(text="The bus was so crowded that we had to stand.",
-         hand="The bus was so crowded that we had stand.",
-         tiny_en="The most one so crowded that we have just had.", rejected_from="tiny_en"),
-    dict(text="He ordered a large pizza with extra cheese.",
-         hand="He ordered a large pizza with extra cheeses.",
-         tiny_en="He ordered a large piece of win next to a cheese.", rejected_from="tiny_en"),
-    dict(text="The museum is closed for repairs until next week.",
-         hand="The museum is closed for repairs until next weak.",
-         tiny_en="The museum is closed for repairs until next week.", rejected_from="hand"),
-    dict(text="Emily forgot her umbrella and got soaked in the rain.",
-         hand="Emily forgot her umbrella and got soap in the rain.",
-         tiny_en="family for Dr Umbrella and Dr Soaked in the rain.", rejected_from="tiny_en"),
+    dict(
+        text="The mail usually arrives just before lunch.",
+        hand="The male usually arrives just before lunch.",
+        tiny_en="The mail usually arrives just before lunch.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Our team won the match by four goals.",
+        hand="Our team one the match by for goals.",
+        tiny_en="our team won the match by four goals.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Hannah and her brother flew to Chicago on Monday.",
+        hand="Hannah and her brother flu to Chicago on Monday.",
+        tiny_en="And then the brother flew to Chicago on Monday",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The hotel room costs $120 per night.",
+        hand="The hotel room costs $220 per night.",
+        # tiny.en's "$1.20" is a real error, but it normalises to the same "120", so the
+        # hand-written variant is used.
+        tiny_en="The hotel room costs $1.20 per night.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Please wait here until the nurse calls your name.",
+        hand="Please wait hear until the nurse calls your name.",
+        tiny_en="Please wait here until the nurse calls your name.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="I'm not sure whether we should leave now or later.",
+        hand="I'm not sure weather we should leave now or later.",
+        tiny_en="I'm not sure whether we should leave now or later.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The bus was so crowded that we had to stand.",
+        hand="The bus was so crowded that we had stand.",
+        tiny_en="The most one so crowded that we have just had.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="He ordered a large pizza with extra cheese.",
+        hand="He ordered a large pizza with extra cheeses.",
+        tiny_en="He ordered a large piece of win next to a cheese.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The museum is closed for repairs until next week.",
+        hand="The museum is closed for repairs until next weak.",
+        tiny_en="The museum is closed for repairs until next week.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Emily forgot her umbrella and got soaked in the rain.",
+        hand="Emily forgot her umbrella and got soap in the rain.",
+        tiny_en="family for Dr Umbrella and Dr Soaked in the rain.",
+        rejected_from="tiny_en",
+    ),
 ]
 
 SPLITS = {"train": TRAIN, "test": TEST}
@@ -238,14 +365,18 @@ def synthesize(text: str, voice: str, wpm: int, out_path: Path, tmp: Path):
     import soxr
 
     wav = tmp / "clip.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(wav), text],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(wav), text],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     audio, sr = sf.read(str(wav), dtype="float64", always_2d=True)
     audio = audio.mean(axis=1)
     audio = soxr.resample(audio, sr, SAMPLE_RATE, quality="VHQ")
     loud = np.flatnonzero(np.abs(audio) > SILENCE)
     pad = int(PAD_S * SAMPLE_RATE)
-    audio = audio[max(0, loud[0] - pad): loud[-1] + 1 + pad]
+    audio = audio[max(0, loud[0] - pad) : loud[-1] + 1 + pad]
     audio = audio / np.abs(audio).max() * PEAK
     step = 2 ** (16 - BITS)
     pcm = (np.round(audio * 32767 / step) * step).clip(-32768, 32767).astype(np.int16)
@@ -270,9 +401,15 @@ def build() -> None:
                 k += 1
                 rel = f"audio/{split}_{i:03d}.flac"
                 duration = synthesize(e["text"], voice, wpm, HERE / rel, Path(tmp))
-                rows.append({"audio": {"path": rel}, "duration": round(duration, 2),
-                             "chosen": e["text"], "rejected": rejected_for(e),
-                             "language": "English"})
+                rows.append(
+                    {
+                        "audio": {"path": rel},
+                        "duration": round(duration, 2),
+                        "chosen": e["text"],
+                        "rejected": rejected_for(e),
+                        "language": "English",
+                    }
+                )
             with open(HERE / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -288,8 +425,7 @@ def wer_report(hyps: dict[str, list[str]]) -> None:
         refs = [normalize(e["text"]) for e in entries]
         out = [normalize(h) for h in hyps[split]]
         n_wrong = sum(r != h for r, h in zip(refs, out))
-        print(f"{split}: WER {100 * jiwer.wer(refs, out):.1f}% "
-              f"({n_wrong}/{len(refs)} clips with at least one error)")
+        print(f"{split}: WER {100 * jiwer.wer(refs, out):.1f}% ({n_wrong}/{len(refs)} clips with at least one error)")
 
 
 def transcribe(model_dir: str) -> None:

@@ -1,6 +1,6 @@
 """Hugging Face datasets as training or evaluation data.
 
-``train_data``/``test_data`` may name, instead of a manifest:
+``train_data``/``test_data`` (:mod:`orpo.data.dataset`) may name, instead of a manifest:
 
 * a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``load_from_disk``;
   a DatasetDict gives the split ``train_split``/``test_split``);
@@ -27,9 +27,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-from orpo.data import ManifestError, PreferenceSample, _language_field, parse_transcripts, to_mono_16k
+from orpo.data.audio import AudioSource, audio_duration, load_audio
+from orpo.data.schema import PreferenceSample, language_field, parse_transcripts
+from orpo.errors import ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def _open_dataset(spec: str, split: str, config_name: str | None):
             raise ManifestError(f"dataset {spec}: cannot load it with load_from_disk: {err}") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ManifestError(f"dataset {spec}: no split '{split}' (splits: {', '.join(loaded)}); "
-                                    "set train_split/test_split")
+                raise ManifestError(
+                    f"dataset {spec}: no split '{split}' (splits: {', '.join(loaded)}); set train_split/test_split"
+                )
             return loaded[split], f"dataset {spec} (split {split})", path / split
         return loaded, f"dataset {spec}", path
     described = f"{spec}" + (f", config {config_name}" if config_name else "") + f", split {split}"
@@ -85,35 +87,20 @@ def _audio_input(value, where: str, column: str, base: Path | None):
         raise ManifestError(f"{where}: column '{column}' has neither audio bytes nor a path")
     if isinstance(value, str) and value.strip():
         return _resolve(value, base)
-    raise ManifestError(f"{where}: column '{column}' must hold audio ({{bytes, path}}, an array with its "
-                        f"sampling_rate, or a path), got {type(value).__name__}")
+    raise ManifestError(
+        f"{where}: column '{column}' must hold audio ({{bytes, path}}, an array with its "
+        f"sampling_rate, or a path), got {type(value).__name__}"
+    )
 
 
-def _duration(source, where: str, column: str) -> float:
-    if isinstance(source, tuple):
-        audio, rate = source
-        return audio.shape[0] / rate
+def _checked(read, source: AudioSource, where: str, column: str):
+    """``read(source)`` with a decoding error named by row and column."""
     if isinstance(source, Path) and not source.is_file():
         raise ManifestError(f"{where}: column '{column}': file {source} does not exist")
     try:
-        info = sf.info(source if isinstance(source, io.BytesIO) else str(source))
-    except Exception as err:
-        raise ManifestError(f"{where}: column '{column}': cannot decode the audio: {err}") from None
-    return float(info.frames) / info.samplerate
-
-
-def _decode(source, where: str, column: str) -> np.ndarray:
-    if isinstance(source, tuple):
-        audio, rate = source
-        return to_mono_16k(audio, rate)
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    try:
-        audio, rate = sf.read(source if isinstance(source, io.BytesIO) else str(source), dtype="float32",
-                              always_2d=True)
-    except Exception as err:
-        raise ManifestError(f"{where}: column '{column}': cannot decode the audio: {err}") from None
-    return to_mono_16k(audio, rate)
+        return read(source)
+    except ManifestError as err:
+        raise ManifestError(f"{where}: column '{column}': {err}") from None
 
 
 class DatasetAudio:
@@ -124,12 +111,19 @@ class DatasetAudio:
 
     def __call__(self) -> np.ndarray:
         value = self.dataset[self.row][self.column]
-        return _decode(_audio_input(value, self.where, self.column, self.base), self.where, self.column)
+        return _checked(load_audio, _audio_input(value, self.where, self.column, self.base), self.where, self.column)
 
 
-def read_hf_dataset(spec: str, *, split: str = "train", config_name: str | None = None,
-                    audio_column: str = "audio", chosen_column: str = "chosen", rejected_column: str = "rejected",
-                    language_column: str | None = None) -> list[PreferenceSample]:
+def read_hf_dataset(
+    spec: str,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    audio_column: str = "audio",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+    language_column: str | None = None,
+) -> list[PreferenceSample]:
     """Check every row of a Hugging Face dataset and return it as preference samples."""
     from datasets import Audio
 
@@ -142,8 +136,9 @@ def read_hf_dataset(spec: str, *, split: str = "train", config_name: str | None 
     for column, key in needed:
         alternatives = [column, column + "s"] if key in ("chosen_column", "rejected_column") else [column]
         if not any(c in columns for c in alternatives):
-            raise ManifestError(f"{label}: no column '{column}' (columns: {', '.join(columns)}); "
-                                f"set {key} to the column that holds it")
+            raise ManifestError(
+                f"{label}: no column '{column}' (columns: {', '.join(columns)}); set {key} to the column that holds it"
+            )
     if isinstance(dataset.features.get(audio_column), Audio):
         dataset = dataset.cast_column(audio_column, Audio(decode=False))
     if len(dataset) == 0:
@@ -155,18 +150,20 @@ def read_hf_dataset(spec: str, *, split: str = "train", config_name: str | None 
         where = f"{label}, row {row_index}"
         value = row[audio_column]
         source = _audio_input(value, where, audio_column, base)
-        duration = _duration(source, where, audio_column)
-        language = _language_field(row, where, key=language_key, kind="column") if language_key else None
+        duration = _checked(audio_duration, source, where, audio_column)
+        language = language_field(row, where, key=language_key, kind="column") if language_key else None
         path = source if isinstance(source, Path) else None
         if path is None and isinstance(value, dict) and value.get("path"):
             path = Path(value["path"])  # informative only: the audio comes from the stored bytes
-        samples.append(PreferenceSample(
-            audio_path=path,
-            duration=duration,
-            language=language,
-            source=where,
-            audio_loader=DatasetAudio(dataset, row_index, audio_column, where, base),
-            **parse_transcripts(row, where, duration, chosen_column, rejected_column, kind="column"),
-        ))
+        samples.append(
+            PreferenceSample(
+                audio_path=path,
+                duration=duration,
+                language=language,
+                source=where,
+                audio_loader=DatasetAudio(dataset, row_index, audio_column, where, base),
+                **parse_transcripts(row, where, duration, chosen_column, rejected_column, kind="column"),
+            )
+        )
     logger.info("%s: %d rows", label, len(samples))
     return samples

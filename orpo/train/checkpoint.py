@@ -15,32 +15,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from orpo.config import ConfigError
+from orpo.errors import CheckpointError
+from orpo.files import fsync_tree, publish_dir, write_text_atomic
+from orpo.scale.zero3 import deepspeed_checkpoint_problems
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
-MODEL_FILE = "model.safetensors"      # accelerate.utils.SAFE_WEIGHTS_NAME
-OPTIMIZER_FILE = "optimizer.bin"      # accelerate.utils.OPTIMIZER_NAME + ".bin"
-SCALER_FILE = "scaler.pt"             # accelerate.utils.SCALER_NAME (fp16 only)
-
-# Settings that give ``step_in_epoch`` and the random streams their meaning: a run resumed with other
-# values would silently see other batches, so a mismatch is an error.
-POSITION_SETTINGS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "train_clips",
-                     "seed", "peft", "group_by_length")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed from (missing, incomplete, or written with other settings)."""
+MODEL_FILE = "model.safetensors"  # accelerate.utils.SAFE_WEIGHTS_NAME
+OPTIMIZER_FILE = "optimizer.bin"  # accelerate.utils.OPTIMIZER_NAME + ".bin"
+SCALER_FILE = "scaler.pt"  # accelerate.utils.SCALER_NAME (fp16 only)
 
 
 def read_trainer_state(folder: Path) -> dict:
@@ -48,8 +40,10 @@ def read_trainer_state(folder: Path) -> dict:
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{folder} is not a complete checkpoint: it has no {STATE_NAME} (written last, so "
-                              "the save was cut short or this is not a checkpoint folder)") from None
+        raise CheckpointError(
+            f"{folder} is not a complete checkpoint: it has no {STATE_NAME} (written last, so "
+            "the save was cut short or this is not a checkpoint folder)"
+        ) from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} cannot be read: {err}") from None
     for key in ("global_step", "epoch", "step_in_epoch"):
@@ -84,7 +78,8 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
             raise CheckpointError(
                 f"resume_from_checkpoint latest: output_dir {output_dir} holds no complete checkpoint{detail}. "
                 "Checkpoints are written every save_steps steps and when a run is stopped by SIGTERM/SIGINT; "
-                "to start from scratch, leave out --resume_from_checkpoint.")
+                "to start from scratch, leave out --resume_from_checkpoint."
+            )
         return found[-1][1]
     folder = Path(spec)
     if not folder.is_dir():
@@ -93,32 +88,26 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
     return folder
 
 
-def check_checkpoint_files(folder: Path, world_size: int, custom_objects: int, scaler: bool,
-                           weights: bool = True) -> None:
-    """Every file that ``Accelerator.load_state`` will read is there, before any weights load.
+def check_checkpoint_files(
+    folder: Path, world_size: int, custom_objects: int, scaler: bool, deepspeed: bool = False
+) -> None:
+    """Every file that ``Accelerator.load_state`` will read is there.
 
-    ``weights``: the model and optimizer are in Accelerate's own files (not DeepSpeed's or FSDP's layout).
+    ``custom_objects``: how many objects this run registered for checkpointing. ``deepspeed``: the model and
+    optimizer are in the DeepSpeed engine's layout (``pytorch_model/``), not in Accelerate's own files.
     """
-    required = [MODEL_FILE, OPTIMIZER_FILE] if weights else []
+    folder = Path(folder)
+    required = [] if deepspeed else [MODEL_FILE, OPTIMIZER_FILE]
     required += [f"custom_checkpoint_{i}.pkl" for i in range(custom_objects)]
     required += [f"random_states_{rank}.pkl" for rank in range(world_size)]
     required += [SCALER_FILE] if scaler else []
-    missing = [name for name in required if not (Path(folder) / name).is_file()]
+    missing = [name for name in required if not (folder / name).is_file()]
+    if deepspeed:
+        missing = deepspeed_checkpoint_problems(folder, world_size) + missing
     if missing:
-        raise CheckpointError(f"checkpoint {folder} is incomplete or was written with other settings: "
-                              f"{', '.join(missing)} missing")
-
-
-def check_position_settings(folder: Path, state: dict, current: dict) -> None:
-    """The settings that define the data position and randomness are the ones the checkpoint was written with."""
-    saved = state.get("settings", {})
-    changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in POSITION_SETTINGS
-               if key in saved and key in current and saved[key] != current[key]]
-    if changed:
         raise CheckpointError(
-            f"checkpoint {folder} was written with other settings than this run: {'; '.join(changed)}. A resumed "
-            "run must keep them to continue with the same batches (world_size: number of processes; "
-            "train_clips: clips in train_data after filtering).")
+            f"checkpoint {folder} is incomplete or was written with other settings: {', '.join(missing)} missing"
+        )
 
 
 def checkpoint_state_dict(model: torch.nn.Module, adapter_only: bool) -> OrderedDict:
@@ -152,54 +141,23 @@ def load_checkpoint_weights(model: torch.nn.Module, folder: Path, adapter_only: 
     expected = set(checkpoint_state_dict(model, adapter_only=True))
     missing, unexpected = sorted(expected - set(stored)), sorted(set(stored) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit this model's adapters (were peft, lora_r or "
-                              f"lora_target_modules changed?): missing {missing[:5]}, unexpected {unexpected[:5]}")
-    shapes = [name for name, tensor in model.state_dict().items() if name in stored and stored[name].shape != tensor.shape]
+        raise CheckpointError(
+            f"{path} does not fit this model's adapters (were peft, lora_r or "
+            f"lora_target_modules changed?): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    shapes = [
+        name for name, tensor in model.state_dict().items() if name in stored and stored[name].shape != tensor.shape
+    ]
     if shapes:
         raise CheckpointError(f"{path}: shapes differ from this model's for {shapes[:5]}")
     model.load_state_dict(stored, strict=False)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def finalize_checkpoint(staging: Path, final: Path, state: dict) -> None:
     """Write ``trainer_state.json`` last, flush everything to disk, then rename the folder into place."""
-    _fsync_tree(staging)
-    tmp_state = staging / (STATE_NAME + ".tmp")
-    tmp_state.write_text(json.dumps(state, indent=2) + "\n")
-    with tmp_state.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_state, staging / STATE_NAME)
-    _fsync_dir(staging)
-    old = None
-    if final.exists():  # an earlier save at this step (a run resumed from an older checkpoint)
-        old = final.with_name(f"{TMP_PREFIX}{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(staging, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(staging)
+    write_text_atomic(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
+    publish_dir(staging, final, aside=final.with_name(f"{TMP_PREFIX}{final.name}.old"))
 
 
 def rotate_checkpoints(output_dir: Path, newest: Path, limit: int) -> None:
@@ -217,7 +175,7 @@ def rotate_checkpoints(output_dir: Path, newest: Path, limit: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
     others = [(step, folder) for step, folder in others if step <= newest_step]
     if limit > 0:
-        for _, folder in others[:max(0, len(others) + 1 - limit)]:
+        for _, folder in others[: max(0, len(others) + 1 - limit)]:
             logger.info("removing old checkpoint %s (save_total_limit %d)", folder, limit)
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -228,3 +186,48 @@ def remove_stale_staging(output_dir: Path) -> None:
         for folder in Path(output_dir).glob(f"{TMP_PREFIX}*"):
             logger.info("removing %s, left by an interrupted save", folder)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: Path, record: dict, save_total_limit: int) -> Path:
+    """Everything needed to continue exactly (``record`` is the run's ``trainer_state.json``), staged in a
+    temporary folder that is renamed into place once complete; then older checkpoints are rotated out."""
+    step = record["global_step"]
+    staging, final = output_dir / f"{TMP_PREFIX}{step}", output_dir / f"{PREFIX}{step}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finalize_checkpoint(staging, final, record)
+        rotate_checkpoints(output_dir, final, save_total_limit)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_weight_hooks(accelerator, adapter_only: bool) -> None:
+    """Checkpoints keep only the adapter with PEFT (the frozen base is loaded from base_model again), and every
+    key is checked when loading."""
+
+    def save_weights(models, weights, folder):
+        if weights:
+            weights[0] = checkpoint_state_dict(accelerator.unwrap_model(models[0]), adapter_only)
+
+    def load_weights(models, folder):
+        if models:
+            load_checkpoint_weights(accelerator.unwrap_model(models[0]), Path(folder), adapter_only)
+            models.clear()
+
+    accelerator.register_save_state_pre_hook(save_weights)
+    accelerator.register_load_state_pre_hook(load_weights)
+
+
+def load_checkpoint(accelerator, folder: Path) -> None:
+    """``accelerator.load_state``: a model that did not load completely never trains."""
+    try:
+        accelerator.load_state(str(folder))
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"cannot resume from {folder}: {type(err).__name__}: {err}") from err

@@ -37,8 +37,8 @@ class LengthGroupedSampler(Sampler[int]):
         size = self.batch_size * self.group_batches
         grouped = []
         for start in range(0, len(order), size):
-            grouped += sorted(order[start:start + size], key=lambda i: -self.lengths[i])
-        batches = [grouped[start:start + self.batch_size] for start in range(0, len(grouped), self.batch_size)]
+            grouped += sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+        batches = [grouped[start : start + self.batch_size] for start in range(0, len(grouped), self.batch_size)]
         for b in torch.randperm(len(batches), generator=generator).tolist():
             yield from batches[b]
 
@@ -52,7 +52,7 @@ def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> f
     """Share of decoder positions that are padding when ``order`` is cut into batches of ``batch_size``."""
     padded = real = 0
     for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start:start + batch_size]]
+        batch = [lengths[i] for i in order[start : start + batch_size]]
         padded += max(batch) * len(batch)
         real += sum(batch)
     return 1 - real / padded

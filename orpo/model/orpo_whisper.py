@@ -14,8 +14,8 @@ Which tokens count (labels are the decoder inputs shifted left; logit k scores l
   ``disable_prompt_loss: true`` (the default) the same transcript tokens, with ``false`` the prefix
   tokens after ``<|startoftranscript|>`` as well.
 
-:func:`two_pass_forward` is the plain reference: the model called once per transcript, with full
-logits and log-softmax. Tests and the benchmark compare against it.
+:func:`orpo.model.reference.two_pass_forward` is the plain reference the tests and the benchmark
+compare against.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from orpo.attention import TOKEN_MAJOR_SDPA, token_major_attention
-from orpo.data import IGNORE_INDEX
-from orpo.recompute import elementwise_modules, report_kept, selective_recompute
+from orpo.data.collate import IGNORE_INDEX
+from orpo.model.attention import TOKEN_MAJOR_SDPA, token_major_attention
+from orpo.model.recompute import elementwise_modules, report_kept, selective_recompute
 
 LOGIT_CHUNK_TOKENS = 512
 
@@ -46,17 +46,18 @@ def freeze_encoder(whisper: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _chunk_token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = _at_least_float32(head(hidden))
+    logits = at_least_float32(head(hidden))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> torch.Tensor:
+def token_logprobs(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = LOGIT_CHUNK_TOKENS
+) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` (N, D) under the output head, in float32 or better,
     ``chunk_tokens`` rows at a time.
 
@@ -66,7 +67,7 @@ def token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     """
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens])
         if torch.is_grad_enabled():
             report_kept(args[1])
             pieces.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
@@ -125,8 +126,13 @@ class ORPOWhisper(nn.Module):
     module and see every parameter use.
     """
 
-    def __init__(self, whisper: nn.Module, disable_prompt_loss: bool = True, selective_recompute: bool = False,
-                 logit_chunk_tokens: int = LOGIT_CHUNK_TOKENS):
+    def __init__(
+        self,
+        whisper: nn.Module,
+        disable_prompt_loss: bool = True,
+        selective_recompute: bool = False,
+        logit_chunk_tokens: int = LOGIT_CHUNK_TOKENS,
+    ):
         super().__init__()
         self.whisper = whisper
         self.disable_prompt_loss = disable_prompt_loss
@@ -164,47 +170,3 @@ class ORPOWhisper(nn.Module):
         token_logps = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device)
         token_logps[labelled] = logps
         return segment_statistics(token_logps, batch, self.disable_prompt_loss)
-
-
-def _unpack_slot(batch: dict, slot: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoder inputs, labels and transcript mask (B, L_slot) of one transcript slot, batched alone."""
-    rows = batch["segment_ids"] == slot
-    lengths = rows.sum(dim=1)
-    width = max(int(lengths.max()), 1)
-    batch_size = rows.shape[0]
-    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=rows.device)
-    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long, device=rows.device)
-    transcript = torch.zeros((batch_size, width), dtype=torch.bool, device=rows.device)
-    for b in range(batch_size):
-        n = int(lengths[b])
-        input_ids[b, :n] = batch["decoder_input_ids"][b][rows[b]]
-        labels[b, :n] = batch["labels"][b][rows[b]]
-        transcript[b, :n] = batch["transcript_mask"][b][rows[b]]
-    return input_ids, labels, transcript
-
-
-def two_pass_forward(whisper: nn.Module, batch: dict, disable_prompt_loss: bool = True,
-                     pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Reference ORPO forward: Whisper called separately for the chosen and for each rejected slot.
-
-    The encoder runs once per call, logits and log-softmax are materialised in full. Same outputs as
-    :class:`ORPOWhisper`, at several times the memory.
-    """
-    slots = int(batch["num_segments"].max())
-    token_logps, segment_ids, labels_all, transcript_all = [], [], [], []
-    for slot in range(slots):
-        input_ids, labels, transcript = _unpack_slot(batch, slot, pad_token_id)
-        logits = whisper(input_features=batch["input_features"], decoder_input_ids=input_ids, use_cache=False).logits
-        logp = torch.log_softmax(_at_least_float32(logits), dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-        labelled = labels != IGNORE_INDEX
-        token_logps.append(logp * labelled)
-        segment_ids.append(torch.where(labelled, slot, -1))
-        labels_all.append(labels)
-        transcript_all.append(transcript)
-    unpacked = {
-        "segment_ids": torch.cat(segment_ids, dim=1),
-        "labels": torch.cat(labels_all, dim=1),
-        "transcript_mask": torch.cat(transcript_all, dim=1),
-        "num_segments": batch["num_segments"],
-    }
-    return segment_statistics(torch.cat(token_logps, dim=1), unpacked, disable_prompt_loss)

@@ -27,8 +27,9 @@ def _token_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def token_major_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
-    return sdpa_attention_forward(module, _token_major(query), _token_major(key), _token_major(value),
-                                  attention_mask, **kwargs)
+    return sdpa_attention_forward(
+        module, _token_major(query), _token_major(key), _token_major(value), attention_mask, **kwargs
+    )
 
 
 AttentionInterface.register(TOKEN_MAJOR_SDPA, token_major_sdpa_forward)

@@ -33,7 +33,7 @@ as it was (audiomentations draws from Python's ``random`` and NumPy's global gen
 for the call and restored after it). With ``timestamps: true``, speed and shift are refused, since they
 move the speech away from its timestamps.
 
-An unknown effect or key, a probability outside [0, 1] or a bad range is a :class:`AugmentConfigError`
+An unknown effect or key, a probability outside [0, 1] or a bad range is an :class:`~orpo.errors.AugmentConfigError`
 naming the file and the key.
 """
 
@@ -53,21 +53,17 @@ import yaml
 from audiomentations.core.transforms_interface import BaseWaveformTransform
 from audiomentations.core.utils import find_audio_files_in_paths
 
-from orpo.config import ConfigError
-from orpo.data import SAMPLE_RATE
+from orpo.data.audio import SAMPLE_RATE
+from orpo.errors import AugmentConfigError
 
 MAX_SECONDS = 30.0
 
 
-class AugmentConfigError(ConfigError):
-    """A problem in the augmentation file; the message names the file and the key."""
-
-
 @dataclass(frozen=True)
 class _Param:
-    low_limit: float | None = None    # values must be >= this (None: no limit)
-    high_limit: float | None = None   # values must be <= this
-    strict_low: bool = False          # values must be > low_limit
+    low_limit: float | None = None  # values must be >= this (None: no limit)
+    high_limit: float | None = None  # values must be <= this
+    strict_low: bool = False  # values must be > low_limit
 
 
 # effect -> (range key, its limits, what it means); every effect also takes "p".
@@ -101,50 +97,64 @@ def read_augment_config(path: str | Path) -> dict[str, dict]:
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise AugmentConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
-                                 f"{err}") from None
+        raise AugmentConfigError(
+            f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {err}"
+        ) from None
     if not isinstance(data, dict) or not data:
-        raise AugmentConfigError(f"{path}: expected a mapping of effect: settings (effects: {', '.join(ORDER)}), "
-                                 f"got {data!r}")
-    config = {}
-    for effect, settings in data.items():
-        if effect not in EFFECTS:
-            raise AugmentConfigError(f"{path}: unknown augmentation '{effect}'; known: {', '.join(ORDER)}."
-                                     f"{_closest(str(effect), EFFECTS)}")
-        range_key, limits, meaning = EFFECTS[effect]
-        allowed = ("p", range_key) + EXTRA_KEYS.get(effect, ())
-        if not isinstance(settings, dict):
-            raise AugmentConfigError(f"{path}: key '{effect}' must be a mapping with {', '.join(allowed)}, "
-                                     f"got {settings!r}")
-        for key in settings:
-            if key not in allowed:
-                raise AugmentConfigError(f"{path}: key '{effect}.{key}' is unknown; '{effect}' takes "
-                                         f"{', '.join(allowed)}.{_closest(str(key), allowed)}")
-        for key in allowed:
-            if key not in settings:
-                raise AugmentConfigError(f"{path}: key '{effect}.{key}' is missing")
-        p = settings["p"]
-        if not _number(p) or not 0.0 <= p <= 1.0:
-            raise AugmentConfigError(f"{path}: key '{effect}.p' must be a probability in [0, 1], got {p!r}")
-        value = settings[range_key]
-        if _number(value):
-            value = [value, value]
-        if not (isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)):
-            raise AugmentConfigError(f"{path}: key '{effect}.{range_key}' must be a range [low, high] "
-                                     f"({meaning}), got {settings[range_key]!r}")
-        low, high = float(value[0]), float(value[1])
-        if low > high:
-            raise AugmentConfigError(f"{path}: key '{effect}.{range_key}': low {low} is above high {high}")
-        too_low = (low <= limits.low_limit) if limits.strict_low else (low < limits.low_limit)
-        if too_low or high > limits.high_limit:
-            bound = "(" if limits.strict_low else "["
-            raise AugmentConfigError(f"{path}: key '{effect}.{range_key}': [{low}, {high}] is outside "
-                                     f"{bound}{limits.low_limit}, {limits.high_limit}] ({meaning})")
-        entry = {"p": float(p), "range": (low, high)}
-        if effect == "background_noise":
-            entry["folder"] = _noise_folder(path, settings["folder"])
-        config[effect] = entry
-    return config
+        raise AugmentConfigError(
+            f"{path}: expected a mapping of effect: settings (effects: {', '.join(ORDER)}), got {data!r}"
+        )
+    return {effect: _read_effect(path, effect, settings) for effect, settings in data.items()}
+
+
+def _read_effect(path: Path, effect, settings) -> dict:
+    """One effect's checked settings: ``{"p": float, "range": (low, high)}`` (and its noise folder)."""
+    if effect not in EFFECTS:
+        raise AugmentConfigError(
+            f"{path}: unknown augmentation '{effect}'; known: {', '.join(ORDER)}.{_closest(str(effect), EFFECTS)}"
+        )
+    range_key, limits, meaning = EFFECTS[effect]
+    allowed = ("p", range_key) + EXTRA_KEYS.get(effect, ())
+    if not isinstance(settings, dict):
+        raise AugmentConfigError(
+            f"{path}: key '{effect}' must be a mapping with {', '.join(allowed)}, got {settings!r}"
+        )
+    for key in settings:
+        if key not in allowed:
+            raise AugmentConfigError(
+                f"{path}: key '{effect}.{key}' is unknown; '{effect}' takes "
+                f"{', '.join(allowed)}.{_closest(str(key), allowed)}"
+            )
+    for key in allowed:
+        if key not in settings:
+            raise AugmentConfigError(f"{path}: key '{effect}.{key}' is missing")
+    p = settings["p"]
+    if not _number(p) or not 0.0 <= p <= 1.0:
+        raise AugmentConfigError(f"{path}: key '{effect}.p' must be a probability in [0, 1], got {p!r}")
+    entry = {"p": float(p), "range": _read_range(path, f"{effect}.{range_key}", settings[range_key], limits, meaning)}
+    if effect == "background_noise":
+        entry["folder"] = _noise_folder(path, settings["folder"])
+    return entry
+
+
+def _read_range(path: Path, key: str, value, limits: _Param, meaning: str) -> tuple[float, float]:
+    """A ``[low, high]`` range (or one number) within the effect's limits."""
+    given = value
+    if _number(value):
+        value = [value, value]
+    if not (isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)):
+        raise AugmentConfigError(f"{path}: key '{key}' must be a range [low, high] ({meaning}), got {given!r}")
+    low, high = float(value[0]), float(value[1])
+    if low > high:
+        raise AugmentConfigError(f"{path}: key '{key}': low {low} is above high {high}")
+    too_low = (low <= limits.low_limit) if limits.strict_low else (low < limits.low_limit)
+    if too_low or high > limits.high_limit:
+        bound = "(" if limits.strict_low else "["
+        raise AugmentConfigError(
+            f"{path}: key '{key}': [{low}, {high}] is outside "
+            f"{bound}{limits.low_limit}, {limits.high_limit}] ({meaning})"
+        )
+    return low, high
 
 
 def _noise_folder(config_path: Path, value) -> Path:
@@ -188,8 +198,9 @@ class PaddedShift(am.Shift):
     all) so that delaying the onset never cuts the end of the speech."""
 
     def __init__(self, min_shift: float, max_shift: float, p: float = 0.5):
-        super().__init__(min_shift=min_shift, max_shift=max_shift, shift_unit="seconds", rollover=False,
-                         fade_duration=0.0, p=p)
+        super().__init__(
+            min_shift=min_shift, max_shift=max_shift, shift_unit="seconds", rollover=False, fade_duration=0.0, p=p
+        )
 
     def apply(self, samples, sample_rate):
         amount = int(round(self.parameters["shift_amount"] * sample_rate))
@@ -217,8 +228,9 @@ def build_transforms(config: dict[str, dict]) -> list[tuple[str, object]]:
         elif effect == "noise":
             transform = am.AddGaussianSNR(min_snr_db=low, max_snr_db=high, p=p)
         else:
-            transform = am.AddBackgroundNoise(sounds_path=config[effect]["folder"], min_snr_db=low,
-                                              max_snr_db=high, noise_rms="relative", p=p)
+            transform = am.AddBackgroundNoise(
+                sounds_path=config[effect]["folder"], min_snr_db=low, max_snr_db=high, noise_rms="relative", p=p
+            )
         transforms.append((effect, transform))
     return transforms
 

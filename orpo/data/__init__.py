@@ -1,0 +1,1 @@
+"""Data: records (schema) → audio → manifests and datasets → tokens → dataset → collators → sampling."""

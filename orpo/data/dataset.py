@@ -1,0 +1,180 @@
+"""The training and evaluation datasets: checked samples, tokenised up front, read and featurised per item.
+
+:func:`build_dataset` reads a recipe's ``train_data`` / ``test_data`` (a manifest or a Hugging Face
+dataset) and applies augmentation to the training split only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from orpo.data.audio import SAMPLE_RATE, load_sample_audio
+from orpo.data.augment import Augmenter
+from orpo.data.hf import read_hf_dataset
+from orpo.data.manifest import is_manifest, read_manifest
+from orpo.data.schema import PreferenceSample, Segment, language_code
+from orpo.data.tokens import WhisperTokens
+from orpo.errors import ConfigError, ManifestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedSample:
+    sample: PreferenceSample
+    segments: list[tuple[list[int], int]]  # (tokens, prefix length): chosen first, then rejected
+    language: str | None  # the language of its prefix: its own, else the default (multilingual models only)
+
+    @property
+    def language_code(self) -> str:
+        """The clip's language code for scoring ('en' when neither the clip nor the model names one)."""
+        return language_code(self.language) if self.language else "en"
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Clips within [min_len, max_len] seconds, tokenised up front so bad transcripts fail early.
+
+    ``augment`` (training only), when given, is called as ``augment(audio, index, epoch)`` on each clip
+    before its features are computed; :meth:`set_epoch` sets the epoch it sees, so the augmentation of a
+    clip depends on (seed, epoch, index) only.
+    """
+
+    def __init__(
+        self,
+        samples: list[PreferenceSample],
+        feature_extractor,
+        tokens: WhisperTokens,
+        default_language: str | None,
+        min_len: float,
+        max_len: float,
+        augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+    ):
+        self.feature_extractor = feature_extractor
+        self.tokens = tokens
+        self.augment = augment
+        self.epoch = 0
+        kept = [s for s in samples if min_len <= s.duration <= max_len]
+        dropped = len(samples) - len(kept)
+        if dropped:
+            logger.info("dropped %d of %d clips outside [%.2f, %.2f] s", dropped, len(samples), min_len, max_len)
+        if not kept:
+            raise ManifestError(f"no clip is within [{min_len}, {max_len}] s; check min_audio_len/max_audio_len")
+        self.items = []
+        for sample in kept:
+            language = sample.language or (default_language if tokens.multilingual else None)
+            segments = []
+            for field_name, transcript in self._transcripts(sample, tokens.timestamps):
+                try:
+                    ids, prefix_len = tokens.sequence(language, transcript)
+                except ValueError as err:
+                    raise ManifestError(f"{sample.source}: {err}") from None
+                if len(ids) - 1 > tokens.max_length:
+                    raise ManifestError(
+                        f"{sample.source}: field '{field_name}' is {len(ids) - 1} tokens long; "
+                        f"the model's decoder takes at most {tokens.max_length}"
+                    )
+                segments.append((ids, prefix_len))
+            self.items.append(EncodedSample(sample, segments, language))
+        self.dropped = dropped
+
+    @staticmethod
+    def _transcripts(sample: PreferenceSample, timestamps: bool) -> list[tuple[str, str | list[Segment]]]:
+        """(field name, transcript) for the chosen and each rejected transcript; segments with timestamps."""
+        several = len(sample.rejected) > 1
+        rejected_segments = sample.rejected_segments or [None] * len(sample.rejected)
+        named = [("chosen", sample.chosen, sample.chosen_segments)] + [
+            (f"rejected[{k}]" if several else "rejected", text, segs)
+            for k, (text, segs) in enumerate(zip(sample.rejected, rejected_segments))
+        ]
+        if not timestamps:
+            return [(name, text) for name, text, _ in named]
+        for name, _, segs in named:
+            if segs is None:
+                raise ManifestError(
+                    f"{sample.source}: field '{name}' is plain text, but timestamps: true needs segments with "
+                    f"start and end times: give '{name.split('[')[0]}s' (or '{name.split('[')[0]}' itself) as "
+                    '[{"start": 0.0, "end": 1.4, "text": "..."}, ...]'
+                )
+        return [(name, segs) for name, _, segs in named]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the augmentation sees (call it before each epoch's DataLoader iterator is made)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        audio = load_sample_audio(item.sample)
+        if self.augment is not None:
+            audio = self.augment(audio, index, self.epoch)
+        features = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+        return {"input_features": features, "segments": item.segments, "index": index}
+
+
+def load_samples(
+    spec: str,
+    split: str,
+    dataset_config: str | None = None,
+    audio_column: str = "audio",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+    language_column: str | None = None,
+) -> list[PreferenceSample]:
+    """Samples from a manifest, a dataset saved with ``save_to_disk`` (a directory), or a ``load_dataset`` name.
+
+    The keyword arguments are the recipe's dataset keys; ``split`` is the split to read from a dataset.
+    """
+    if is_manifest(spec):
+        return read_manifest(spec)
+    return read_hf_dataset(
+        spec,
+        split=split,
+        config_name=dataset_config,
+        audio_column=audio_column,
+        chosen_column=chosen_column,
+        rejected_column=rejected_column,
+        language_column=language_column,
+    )
+
+
+DATASET_KEYS = ("dataset_config", "audio_column", "chosen_column", "rejected_column", "language_column")
+
+
+def build_dataset(cfg, which: str, feature_extractor, tokens: WhisperTokens) -> PreferenceDataset:
+    """The training (``which="train"``) or evaluation (``"test"``) dataset of a recipe.
+
+    Reads ``train_data``/``test_data`` (manifest or Hugging Face dataset, split ``train_split`` /
+    ``test_split``); augmentation from ``augment_config_path`` applies to the training data only.
+    """
+    if which not in ("train", "test"):
+        raise ValueError(f"which must be 'train' or 'test', got {which!r}")
+    spec = cfg.train_data if which == "train" else cfg.test_data
+    if not spec:
+        raise ConfigError(
+            f"{which}_data is not set: give a manifest or dataset in the recipe or with --{which}_data",
+            key=f"{which}_data",
+        )
+    split = cfg.train_split if which == "train" else cfg.test_split
+    augment = None
+    if which == "train" and cfg.augment_config_path:
+        augment = Augmenter.from_file(cfg.augment_config_path, seed=cfg.seed, timestamps=cfg.timestamps)
+    samples = load_samples(spec, split, **{key: getattr(cfg, key) for key in DATASET_KEYS})
+    return PreferenceDataset(
+        samples, feature_extractor, tokens, cfg.language, cfg.min_audio_len, cfg.max_audio_len, augment=augment
+    )
+
+
+def build_datasets(cfg, processor, model_config) -> tuple[PreferenceDataset, PreferenceDataset | None, WhisperTokens]:
+    """The recipe's training and (when ``test_data`` is set) evaluation datasets, read and checked in full,
+    and the token builder they were tokenised with."""
+    tokens = WhisperTokens.for_model(processor.tokenizer, model_config, cfg.task, cfg.timestamps)
+    train_set = build_dataset(cfg, "train", processor.feature_extractor, tokens)
+    test_set = build_dataset(cfg, "test", processor.feature_extractor, tokens) if cfg.test_data else None
+    return train_set, test_set, tokens

@@ -1,0 +1,1 @@
+"""Evaluation: text normalisation and error rates, generation, preference metrics, WER evaluation, reports."""

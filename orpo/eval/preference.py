@@ -1,0 +1,44 @@
+"""The preference metrics of a model on a preference set: ORPO eval loss, NLL, rewards, accuracies, margins.
+
+The one path for them: the training loop's evaluations and ``whisper-orpo evaluate`` both call
+:func:`preference_metrics`. Means over clips of all processes, each clip counted once (the duplicates
+that even shards add are dropped by index), under TRL's names with an ``eval/`` prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from orpo.eval.generate import restore_training_modes, training_modes
+from orpo.loss import orpo_loss
+
+
+def preference_metrics(
+    model: torch.nn.Module, loader, accelerator, alpha: float, desc: str = "eval"
+) -> dict[str, float]:
+    """ORPO metrics of an :class:`orpo.model.orpo_whisper.ORPOWhisper` (prepared or not) on a prepared loader."""
+    sums: dict[str, float] = {}
+    seen: set[int] = set()
+    modes = training_modes(model)
+    model.eval()
+    disable = accelerator is not None and not accelerator.is_local_main_process
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=desc, leave=False, disable=disable):
+                out = model(batch)
+                _, per_clip = orpo_loss(
+                    out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], alpha
+                )
+                rows = {"index": batch["sample_index"], **per_clip}
+                if accelerator is not None:
+                    rows = accelerator.gather_for_metrics(rows)
+                for k, index in enumerate(rows["index"].tolist()):
+                    if index in seen:
+                        continue
+                    seen.add(index)
+                    for name in per_clip:
+                        sums[name] = sums.get(name, 0.0) + float(rows[name][k])
+    finally:
+        restore_training_modes(modes)
+    return {f"eval/{name}": value / len(seen) for name, value in sorted(sums.items())}

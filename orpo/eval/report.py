@@ -1,0 +1,112 @@
+"""Reports of evaluations: the base-versus-tuned table and ``eval_results.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from orpo.files import write_text_atomic
+
+# Rows of the comparison table: (metric key without the "eval/" prefix, label, shown as a percentage).
+REPORT_ROWS = [
+    ("wer", "WER", True),
+    ("cer", "CER", True),
+    ("loss", "eval/loss", False),
+    ("rewards/accuracies", "rewards/accuracies", False),
+    ("rewards/margins", "rewards/margins", False),
+]
+
+
+def _metric(results: dict | None, key: str):
+    if not results:
+        return None
+    value = results.get(f"eval/{key}", results.get(key))
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _format_value(value, percent: bool) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
+
+
+def _format_change(before, after, percent: bool) -> str:
+    if before is None or after is None:
+        return "-"
+    change = after - before
+    return f"{100 * change:+.2f} pts" if percent else f"{change:+.4f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if c else "-" * (w + 2) for c, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule] + [line(r) for r in rows])
+
+
+def format_comparison(base: dict | None, tuned: dict | None) -> str:
+    """A Markdown table of WER, CER, eval loss, reward accuracy and margin: base, tuned and change.
+
+    Keys may carry the ``eval/`` prefix or not; rows neither side has are left out. With ``base`` None
+    (no ``eval_before_train``) it is a one-column table of ``tuned``.
+    """
+    present = [r for r in REPORT_ROWS if _metric(base, r[0]) is not None or _metric(tuned, r[0]) is not None]
+    if base is None:
+        return _table(
+            ["metric", "value"], [[label, _format_value(_metric(tuned, key), pct)] for key, label, pct in present]
+        )
+    rows = [
+        [
+            label,
+            _format_value(_metric(base, key), pct),
+            _format_value(_metric(tuned, key), pct),
+            _format_change(_metric(base, key), _metric(tuned, key), pct),
+        ]
+        for key, label, pct in present
+    ]
+    return _table(["metric", "base", "tuned", "change"], rows)
+
+
+def _json_ready(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_ready(value.tolist())
+    return value
+
+
+def write_eval_results(
+    output_dir: str | Path,
+    results: dict,
+    base: dict | None = None,
+    samples: list[dict] | None = None,
+    name: str = "eval_results.json",
+    **extra,
+) -> Path:
+    """Write ``output_dir/eval_results.json``: ``{"metrics": results, "base_metrics": base, "samples": ...}``.
+
+    ``results`` are the final evaluation metrics (as logged, ``eval/...``), ``base`` those of the base model
+    when ``eval_before_train`` is set, ``samples`` per-clip references and hypotheses
+    (:meth:`WerEvaluator.samples`). Written to a temporary file and moved into place.
+    """
+    path = Path(output_dir) / name
+    record = {**extra, "metrics": results}
+    if base is not None:
+        record["base_metrics"] = base
+        record["comparison"] = format_comparison(base, results).splitlines()
+    if samples is not None:
+        record["samples"] = samples
+    return write_text_atomic(path, json.dumps(_json_ready(record), indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,476 @@
+"""The hand-written Accelerate training loop: ``setup`` → per batch ``step`` → ``finish_optimizer_step`` →
+``after_step`` → ``finish``.
+
+Read :meth:`ORPOTrainer.setup` for what a run is made of (every check runs before any weights load), then
+:meth:`ORPOTrainer.train` for the loop itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import WhisperConfig, get_scheduler
+
+from orpo.config import TrainConfig, config_to_dict
+from orpo.data.collate import PreferenceCollator
+from orpo.data.dataset import build_datasets
+from orpo.data.sampling import LengthGroupedSampler, packed_lengths
+from orpo.errors import NonFiniteLossError
+from orpo.eval.preference import preference_metrics
+from orpo.eval.report import format_comparison, write_eval_results
+from orpo.eval.wer import WerEvaluator
+from orpo.loss import orpo_loss
+from orpo.model.load import check_hardware, load_processor, load_whisper, save_final_model
+from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
+from orpo.model.peft import adapter_hooks, apply_peft
+from orpo.scale.checks import check_launch_config
+from orpo.scale.launch import build_accelerator, launch_prefix, uses_deepspeed
+from orpo.scale.zero3 import consolidated_whisper, fill_deepspeed_config, param_ndim, whole_model_loading
+from orpo.train.checkpoint import (
+    check_checkpoint_files,
+    complete_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    register_weight_hooks,
+    remove_stale_staging,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from orpo.train.logs import MetricsLog, TrainLog, check_trackers, init_trackers, logged_base_results
+from orpo.train.plots import plot_training_curves
+from orpo.train.signals import StopSignal, ignore_stop_signals
+from orpo.train.state import TrainState, batch_seed, check_position_settings, run_settings
+
+logger = logging.getLogger("orpo")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if param_ndim(p) >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if param_ndim(p) < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def nonfinite_samples(pending: list, dataset) -> list[str]:
+    """Where the non-finite losses of one optimizer step came from ("file:line"): the clips whose own loss is
+    NaN/Inf, or every clip of a micro-batch whose total loss alone is (e.g. the AdaLoRA penalty)."""
+    indices = []
+    for loss, per_clip, sample_index in pending:
+        clip_finite = torch.isfinite(per_clip["loss"])
+        if not bool(clip_finite.all()):
+            indices += sample_index[~clip_finite].tolist()
+        elif not bool(torch.isfinite(loss)):
+            indices += sample_index.tolist()
+    return [dataset.items[i].sample.source for i in indices]
+
+
+def resume_command(output_dir: Path, num_processes: int) -> str:
+    """The command that continues this run from its latest checkpoint (the resolved recipe is in output_dir)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("train.py") else "train.py"
+    # Several processes: add the launch options of the first run (--config_file, --num_machines, ...) as needed.
+    launcher = launch_prefix(num_processes)  # DeepSpeed runs resume under DeepSpeed, with the same config file
+    return (
+        f"{launcher} {shlex.quote(script)} --config {shlex.quote(str(output_dir / 'config.yaml'))} "
+        "--resume_from_checkpoint latest"
+    )
+
+
+class ORPOTrainer:
+    """One training run of a recipe: ``setup()``, then ``train()`` returns the final evaluation metrics."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.stop = StopSignal()
+        self.pending = []  # this optimizer step's micro-batches: (loss, per-clip metrics, sample indices)
+        self.grad_norm = None
+
+    # ----------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        check_hardware(cfg)
+        check_trackers(cfg)
+        check_launch_config(cfg)  # recipe versus accelerate/DeepSpeed launch config, before any weights load
+        self.accelerator = build_accelerator(
+            cfg.mixed_precision,
+            cfg.gradient_accumulation_steps,
+            cfg.report_to or None,
+            cfg.output_dir,
+            data_seed=cfg.seed,
+        )
+        self.resume_dir = (
+            resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir) if cfg.resume_from_checkpoint else None
+        )
+        set_seed(cfg.seed)
+        self.setup_output_dir()
+        self.setup_data()  # a bad manifest stops the run here, before any weights load
+        self.setup_schedule()
+        self.setup_model()
+        self.setup_optimization()
+        self.setup_state()
+
+    def setup_output_dir(self) -> None:
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        self.train_log = TrainLog(accelerator, self.output_dir, append=self.resume_dir is not None)
+        if not accelerator.is_main_process:
+            return
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        remove_stale_staging(self.output_dir)
+        if self.resume_dir is None:
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a resumed run appends
+            earlier = complete_checkpoints(self.output_dir)
+            if earlier:
+                logger.warning(
+                    "output_dir holds checkpoints of an earlier run (%s); this run starts afresh and "
+                    "replaces them as it saves its own. To continue that run instead, pass "
+                    "--resume_from_checkpoint latest",
+                    ", ".join(p.name for _, p in earlier),
+                )
+
+    def setup_data(self) -> None:
+        """Both datasets, read and checked in full; the loaders over them (prepared later with the model)."""
+        cfg = self.cfg
+        self.processor = load_processor(cfg.base_model)
+        self.model_config = WhisperConfig.from_pretrained(cfg.base_model)
+        self.train_set, self.test_set, self.tokens = build_datasets(cfg, self.processor, self.model_config)
+        logger.info(
+            "training clips: %d, evaluation clips: %d", len(self.train_set), len(self.test_set) if self.test_set else 0
+        )
+        collator = PreferenceCollator(pad_token_id=self.tokens.eot)
+        self.worker_init = ignore_stop_signals if cfg.num_workers > 0 else None
+        order = (
+            {"sampler": LengthGroupedSampler(packed_lengths(self.train_set), cfg.per_device_train_batch_size, cfg.seed)}
+            if cfg.group_by_length
+            else {"shuffle": True}
+        )
+        self.train_loader = DataLoader(
+            self.train_set,
+            batch_size=cfg.per_device_train_batch_size,
+            collate_fn=collator,
+            num_workers=cfg.num_workers,
+            worker_init_fn=self.worker_init,
+            **order,
+        )
+        self.test_loader = (
+            DataLoader(
+                self.test_set,
+                batch_size=cfg.per_device_eval_batch_size,
+                collate_fn=collator,
+                num_workers=cfg.num_workers,
+                worker_init_fn=self.worker_init,
+            )
+            if self.test_set
+            else None
+        )
+
+    def setup_schedule(self) -> None:
+        """Optimizer steps per epoch and in all; the checkpoint to resume from must fit this run."""
+        cfg, world = self.cfg, self.accelerator.num_processes
+        batches_per_process = math.ceil(len(self.train_loader) / world)
+        self.steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
+        self.total_steps = (
+            cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        )
+        self.settings = run_settings(cfg, world, len(self.train_set))
+        self.resumed = {}
+        if self.resume_dir is not None:
+            self.resumed = read_trainer_state(self.resume_dir)
+            check_position_settings(self.resume_dir, self.resumed.get("settings", {}), self.settings)
+
+    def setup_model(self) -> None:
+        cfg = self.cfg
+        with whole_model_loading(self.accelerator):  # ZeRO-3: DeepSpeed partitions the model in prepare
+            whisper = load_whisper(cfg, self.accelerator.local_process_index)
+        whisper = apply_peft(whisper, cfg, self.total_steps)
+        if cfg.freeze_encoder:
+            freeze_encoder(whisper)
+        self.model = ORPOWhisper(
+            whisper, disable_prompt_loss=cfg.disable_prompt_loss, selective_recompute=cfg.selective_recompute
+        )
+        if cfg.torch_compile:
+            for module in whisper.modules():
+                if type(module).__name__ in ("WhisperEncoder", "WhisperDecoder"):
+                    module.compile()
+        self.adapters = adapter_hooks(whisper, cfg)
+
+    def setup_optimization(self) -> None:
+        """Optimizer, prepared model and loaders, the schedule, checkpointed objects, evaluators, trackers."""
+        cfg, accelerator = self.cfg, self.accelerator
+        optimizer = make_optimizer(self.model, cfg)
+        fill_deepspeed_config(accelerator, cfg, self.model_config)  # DeepSpeed "auto" values from the recipe
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(self.model, optimizer, self.train_loader)
+        self.wer_eval = None
+        if self.test_loader is not None:
+            self.test_loader = accelerator.prepare(self.test_loader)
+            self.wer_eval = WerEvaluator.from_config(cfg, self.test_set, accelerator, worker_init_fn=self.worker_init)
+        # Stepped by hand once per optimizer step: a prepared scheduler would step once per process.
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        self.checkpoint_objects = [self.scheduler, *self.adapters.checkpoint_objects()]
+        for obj in self.checkpoint_objects:  # save_state/load_state keep them
+            accelerator.register_for_checkpointing(obj)
+        register_weight_hooks(accelerator, adapter_only=cfg.peft != "none")
+        init_trackers(accelerator, cfg, self.output_dir)
+        self.log = MetricsLog(accelerator, self.output_dir)
+
+    def setup_state(self) -> None:
+        """A fresh position, or the checkpoint's (its files checked against what this run registered)."""
+        accelerator = self.accelerator
+        self.state = TrainState()
+        self.base_results = None
+        if self.resume_dir is None:
+            return
+        check_checkpoint_files(
+            self.resume_dir,
+            accelerator.num_processes,
+            len(self.checkpoint_objects),
+            scaler=accelerator.scaler is not None,
+            deepspeed=uses_deepspeed(),
+        )
+        load_checkpoint(accelerator, self.resume_dir)
+        self.state = TrainState.from_record(self.resumed, accelerator, len(self.train_loader))
+        logger.info(
+            "resumed from %s: step %d of %d, epoch %d, %d batches into it",
+            self.resume_dir,
+            self.resumed["global_step"],
+            self.total_steps,
+            self.resumed["epoch"],
+            self.resumed["step_in_epoch"],
+        )
+        self.base_results = logged_base_results(self.output_dir)
+
+    # ----------------------------------------------------------------------------------------------
+    # train
+
+    def train(self) -> dict[str, float]:
+        """Run the loop; the final evaluation metrics (empty without test_data, and when a stop signal ended
+        the run: it then saves a checkpoint and says how to resume)."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        logger.info(
+            "optimizer steps: %d (%d per epoch), processes: %d, distributed: %s, global batch: %d clips",
+            self.total_steps,
+            self.steps_per_epoch,
+            accelerator.num_processes,
+            accelerator.distributed_type.value,
+            cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
+        )
+        if self.test_loader is not None and cfg.eval_before_train and state.global_step == 0:
+            self.base_results = self.evaluate(tag="base")
+            self.log.write(0, self.base_results)
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=state.global_step,
+            desc="train",
+            disable=not accelerator.is_local_main_process,
+        )
+        self.stop.install()
+        self.model.train()
+        stopped_at = None
+        while state.global_step < self.total_steps and stopped_at is None:
+            for batch in self.epoch_batches():
+                self.step(batch)
+                if not accelerator.sync_gradients:
+                    continue  # gradient accumulation: more micro-batches to come
+                stop_requested = self.finish_optimizer_step()
+                stopped_at = self.after_step(stop_requested)
+                if stopped_at is not None or state.global_step >= self.total_steps:
+                    break
+            else:
+                state.next_epoch()
+        self.progress.close()
+        return self.finish(stopped_at)
+
+    def epoch_batches(self):
+        """This epoch's batches: the same permutation on every process and after a resume (seed + epoch); a run
+        resumed mid-epoch skips the batches it has already seen."""
+        state = self.state
+        self.train_loader.set_epoch(state.epoch)
+        self.train_set.set_epoch(state.epoch)  # augmentation draws from (seed, epoch, clip index)
+        if state.step_in_epoch == 0:
+            return self.train_loader
+        loader = self.accelerator.skip_first_batches(self.train_loader, state.step_in_epoch)
+        loader.set_epoch(state.epoch)
+        return loader
+
+    def step(self, batch: dict) -> None:
+        """Forward and backward of one micro-batch (gradients accumulate until the optimizer step)."""
+        state, accelerator = self.state, self.accelerator
+        # Dropout draws from the batch's position, so a resumed run draws what the uninterrupted one did.
+        torch.manual_seed(batch_seed(self.cfg.seed, state.epoch, state.step_in_epoch, accelerator.process_index))
+        state.step_in_epoch += 1
+        with accelerator.accumulate(self.model):
+            out = self.model(batch)
+            loss, per_clip = orpo_loss(
+                out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], self.cfg.alpha
+            )
+            loss = self.adapters.regularise(loss, per_clip)
+            accelerator.backward(loss)  # on every process even when non-finite: DDP's all-reduce needs all
+        self.pending.append((loss.detach(), per_clip, batch["sample_index"]))
+
+    def finish_optimizer_step(self) -> bool:
+        """The one all-reduce of the step (a non-finite loss or a stop signal on any process), clipping, then
+        the optimizer step or its skip. Returns whether a stop was asked for."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        nonfinite = torch.stack([~torch.isfinite(p[0]) for p in self.pending]).any().double()
+        stop = torch.tensor(float(self.stop.received is not None), dtype=torch.float64)
+        flags = torch.stack([nonfinite.to(accelerator.device), stop.to(accelerator.device)])
+        flags = accelerator.reduce(flags, reduction="sum").tolist()
+        nonfinite, stop_requested = flags[0] > 0, flags[1] > 0
+        self.grad_norm = None
+        if not nonfinite and cfg.max_grad_norm > 0:
+            self.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            # Without a gradient scaler nothing else catches non-finite gradients of a finite loss (the norm is
+            # the same on every process: gradients are all-reduced).
+            nonfinite = accelerator.scaler is None and not math.isfinite(float(self.grad_norm))
+        if nonfinite:
+            self.skip_nonfinite_step()
+        else:
+            state.skipped_in_a_row = 0
+            self.optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                self.scheduler.step()
+                self.adapters.after_optimizer_step(state.global_step)
+            for _, clips, _ in self.pending:
+                state.window.add(clips)
+        self.optimizer.zero_grad()
+        self.pending = []
+        state.global_step += 1
+        self.progress.update(1)
+        return stop_requested
+
+    def skip_nonfinite_step(self) -> None:
+        """Count a skipped step, name its clips; too many in a row stop the run."""
+        cfg, state = self.cfg, self.state
+        state.skipped_total += 1
+        state.skipped_in_a_row += 1
+        bad = nonfinite_samples(self.pending, self.train_set)
+        logger.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all); samples: %s",
+            state.global_step + 1,
+            state.skipped_in_a_row,
+            state.skipped_total,
+            ", ".join(bad) or "on another process",
+        )
+        if state.skipped_in_a_row >= cfg.max_nonfinite_steps:
+            samples = gather_object(bad) if self.accelerator.num_processes > 1 else bad
+            raise NonFiniteLossError(
+                f"step {state.global_step + 1}: the loss or its gradient was NaN or Inf in {state.skipped_in_a_row} "
+                f"optimizer steps in a row (max_nonfinite_steps: {cfg.max_nonfinite_steps}); stopping. Samples of "
+                f"the last such batch: {', '.join(dict.fromkeys(samples)) or 'unknown'}. Check these clips and "
+                "transcripts, lower the learning rate, or train in float32."
+            )
+
+    def after_step(self, stop_requested: bool) -> Path | None:
+        """Log, evaluate and save as the recipe asks; the checkpoint folder when a stop signal ends the run."""
+        cfg, step = self.cfg, self.state.global_step
+        before_end = step < self.total_steps
+        if step % cfg.logging_steps == 0 or not before_end:
+            self.log_train_metrics()
+        if self.test_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and before_end:
+            self.log.write(step, self.evaluate())
+        stopping = stop_requested and before_end
+        if (cfg.save_steps > 0 and step % cfg.save_steps == 0 and before_end) or stopping:
+            saved = self.save_checkpoint()
+            if stopping:
+                return saved
+        return None
+
+    def log_train_metrics(self) -> None:
+        state = self.state
+        metrics = state.window.mean(self.accelerator)
+        metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+        metrics["epoch"] = state.global_step / self.steps_per_epoch
+        metrics["skipped_nonfinite"] = state.skipped_total
+        if self.grad_norm is not None and math.isfinite(float(self.grad_norm)):
+            metrics["grad_norm"] = float(self.grad_norm)
+        if "loss" in metrics:
+            self.progress.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                margin=f"{metrics['rewards/margins']:.4f}",
+                acc=f"{metrics['rewards/accuracies']:.2f}",
+            )
+        self.log.write(state.global_step, metrics)
+
+    def evaluate(self, tag: str = "tuned") -> dict[str, float]:
+        """Eval loss and preference metrics, then WER/CER of generated transcripts, on the whole test set."""
+        metrics = preference_metrics(self.model, self.test_loader, self.accelerator, self.cfg.alpha)
+        return {**metrics, **self.wer_eval(self.model, tag=tag)}
+
+    def save_checkpoint(self) -> Path:
+        record = self.state.record(self.accelerator, self.total_steps, self.settings)
+        return save_checkpoint(self.accelerator, self.output_dir, record, self.cfg.save_total_limit)
+
+    # ----------------------------------------------------------------------------------------------
+    # finish
+
+    def finish(self, stopped_at: Path | None) -> dict[str, float]:
+        """Stopped by a signal: say how to resume. Else: the final evaluation, the model, the plot."""
+        accelerator = self.accelerator
+        if stopped_at is not None:
+            reason = self.stop.received or "a signal on another process"
+            message = (
+                f"Stopped by {reason} after optimizer step {self.state.global_step} of {self.total_steps}; "
+                f"checkpoint saved in {stopped_at}.\n"
+                f"To resume: {resume_command(self.output_dir, accelerator.num_processes)}"
+            )
+            logger.warning(message)
+            if accelerator.is_main_process:
+                print(message, flush=True)
+            accelerator.end_training()
+            return {}
+        results = {}
+        if self.test_loader is not None:
+            results = self.evaluate()
+            self.log.write(self.state.global_step, results)
+            if accelerator.is_main_process:
+                write_eval_results(self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples())
+                if self.base_results:
+                    logger.info(
+                        "base vs tuned on %s:\n%s", self.cfg.test_data, format_comparison(self.base_results, results)
+                    )
+        accelerator.wait_for_everyone()
+        final_whisper = consolidated_whisper(accelerator, self.model)  # every process: ZeRO-3 gathers the weights
+        if accelerator.is_main_process:
+            save_final_model(final_whisper, self.processor, self.output_dir)
+            plot_training_curves(self.output_dir)
+        accelerator.end_training()
+        return results
+
+    def cleanup(self) -> None:
+        self.stop.restore()
+        if hasattr(self, "train_log"):
+            self.train_log.close()
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run ORPO training as configured; returns the final evaluation metrics (see :meth:`ORPOTrainer.train`)."""
+    trainer = ORPOTrainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except Exception as err:
+        logger.error("training failed: %s: %s", type(err).__name__, err)
+        raise
+    finally:
+        trainer.cleanup()

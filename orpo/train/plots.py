@@ -1,0 +1,127 @@
+"""Training curves from ``output_dir/metrics.jsonl``: ``plot_training_curves(output_dir)`` -> training_curves.png.
+
+Panels: loss, NLL loss, reward margin, reward accuracy (training records as lines, ``eval/...`` records as
+markers on the same axes), eval WER/CER, and the learning rate. Records are ``{"step": N, "loss": ...}``
+(training) and ``{"step": N, "eval/loss": ...}`` (evaluation; step 0 is the base model when
+``eval_before_train`` is set). A step logged twice (a resumed run appends) keeps its latest value.
+
+Also a command: ``whisper-orpo plot OUTPUT_DIR`` (or ``python -m orpo.plots OUTPUT_DIR``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from orpo.files import staged_file
+from orpo.train.logs import read_metrics
+
+# (title, training key, eval key, y-axis as a percentage)
+PANELS = [
+    ("loss", "loss", "eval/loss", False),
+    ("NLL loss (chosen)", "nll_loss", "eval/nll_loss", False),
+    ("rewards/margins", "rewards/margins", "eval/rewards/margins", False),
+    ("rewards/accuracies", "rewards/accuracies", "eval/rewards/accuracies", False),
+]
+TRAIN_COLOR, EVAL_COLOR, CER_COLOR = "tab:blue", "tab:orange", "tab:green"
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key``, sorted by step, the latest record winning for a repeated step."""
+    points = {}
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            points[record["step"]] = float(value)
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def _annotate_ends(ax, steps, values, percent: bool, color: str) -> None:
+    """Label the first and last value of an eval series (base and tuned, when it starts at step 0)."""
+    if not steps:
+        return
+    fmt = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3g}")
+    ends = [0] if len(steps) == 1 else [0, len(steps) - 1]
+    for i in ends:
+        label = ("base " if steps[i] == 0 and len(steps) > 1 else "") + fmt(values[i])
+        ha = "center" if len(steps) == 1 else ("left" if i == 0 else "right")
+        ax.annotate(
+            label, (steps[i], values[i]), textcoords="offset points", xytext=(0, 6), ha=ha, fontsize=8, color=color
+        )
+
+
+def plot_training_curves(
+    output_dir: str | Path, metrics_file: str = "metrics.jsonl", filename: str = "training_curves.png"
+) -> Path:
+    """Draw the training curves of a run into ``output_dir/training_curves.png`` and return its path.
+
+    Panels without data say so instead of failing, so a short run (or one without test data) still gets
+    a picture. Raises FileNotFoundError when ``output_dir`` has no metrics file.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    output_dir = Path(output_dir)
+    metrics_path = output_dir / metrics_file
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} does not exist: no metrics to plot")
+    records = read_metrics(metrics_path)
+
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg: no display, no pyplot state
+    axes = fig.subplots(2, 3).ravel()
+
+    def finish(ax, title, has_data, percent=False):
+        ax.set_title(title)
+        ax.margins(x=0.04, y=0.12)  # room for the value labels
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if has_data:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+    for ax, (title, train_key, eval_key, percent) in zip(axes, PANELS):
+        steps, values = series(records, train_key)
+        eval_steps, eval_values = series(records, eval_key)
+        if steps:
+            ax.plot(steps, values, color=TRAIN_COLOR, linewidth=1.5, label=f"train {train_key}")
+        if eval_steps:
+            ax.plot(eval_steps, eval_values, color=EVAL_COLOR, marker="o", linestyle="--", label=eval_key)
+            _annotate_ends(ax, eval_steps, eval_values, percent, EVAL_COLOR)
+        if train_key == "rewards/accuracies":
+            ax.set_ylim(-0.05, 1.05)
+        if train_key == "rewards/margins" and (steps or eval_steps):
+            ax.axhline(0.0, color="gray", linewidth=0.8)
+        finish(ax, title, bool(steps or eval_steps), percent)
+
+    ax = axes[4]
+    wer_steps, wer = series(records, "eval/wer")
+    cer_steps, cer = series(records, "eval/cer")
+    if wer_steps:
+        ax.plot(wer_steps, wer, color=EVAL_COLOR, marker="o", label="eval WER")
+        _annotate_ends(ax, wer_steps, wer, True, EVAL_COLOR)
+    if cer_steps:
+        ax.plot(cer_steps, cer, color=CER_COLOR, marker="s", label="eval CER")
+        _annotate_ends(ax, cer_steps, cer, True, CER_COLOR)
+    if wer_steps or cer_steps:
+        ax.set_ylim(0, 1.15 * max(wer + cer) or 1.0)
+    finish(ax, "eval error rate (generated transcripts)", bool(wer_steps or cer_steps), percent=True)
+
+    ax = axes[5]
+    lr_steps, lr = series(records, "learning_rate")
+    if lr_steps:
+        ax.plot(lr_steps, lr, color="tab:purple", label="learning_rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    finish(ax, "learning rate", bool(lr_steps))
+
+    fig.suptitle(f"whisper-orpo: {output_dir.resolve().name}" + ("" if records else " (no records yet)"))
+    path = output_dir / filename
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return path
