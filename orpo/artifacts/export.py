@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orpo.config import CT2_QUANTIZATIONS
+from orpo.artifacts.run_model import load_model, run_config
+from orpo.config import CT2_QUANTIZATIONS, ExportConfig
 from orpo.data.audio import SAMPLE_RATE, load_audio
+from orpo.data.tokens import WhisperTokens
 from orpo.errors import ExportError
 from orpo.eval.generate import generate, generation_config
 from orpo.files import fresh_staging_dir, publish_dir
@@ -102,3 +104,26 @@ def compare_tokens(ct2_ids: list[int], hf_ids: list[int]) -> str:
     if ct2_ids[:n] != hf_ids[:n]:
         return "tokens differ"
     return "same tokens" if len(ct2_ids) == len(hf_ids) else f"same first {n} tokens; length limits differ"
+
+
+def export_from_config(cfg: ExportConfig) -> None:
+    """The command: load what the run left, write the merged model, and the checked CTranslate2 one if asked."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    source = Path(cfg.checkpoint)
+    whisper, processor, description = load_model(source, cfg.base_model)
+    out = save_merged(whisper, processor, cfg.out, cfg.overwrite)
+    print(f"wrote {out} (from {description})")
+    if not cfg.ct2:
+        return
+    ct2_dir = Path(cfg.ct2_out) if cfg.ct2_out else out.with_name(out.name + "_ct2")
+    export_ct2(out, ct2_dir, cfg.ct2, cfg.overwrite)
+    settings = run_config(source)
+    tokens = WhisperTokens.for_model(processor.tokenizer, whisper.config, settings.get("task") or "transcribe")
+    prefix = tokens.prefix(cfg.language or settings.get("language") or "en", timestamps=False)
+    audio = check_audio(cfg.check_audio)
+    ct2_ids = ct2_greedy(ct2_dir, processor, audio, prefix, cfg.check_max_length)
+    hf_ids = hf_greedy(whisper, processor, audio, prefix, cfg.check_max_length)
+    decode = processor.tokenizer.decode
+    print(f"wrote {ct2_dir} (CTranslate2, {cfg.ct2}); it loads and transcribes the check clip:")
+    print(f"  ctranslate2:  {decode(ct2_ids, skip_special_tokens=True).strip()!r}")
+    print(f"  transformers: {decode(hf_ids, skip_special_tokens=True).strip()!r} ({compare_tokens(ct2_ids, hf_ids)})")

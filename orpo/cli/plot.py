@@ -10,17 +10,17 @@ from orpo.errors import ConfigError, run_command
 PROG = "whisper-orpo plot"
 
 
-def plot_from_config(cfg: PlotConfig) -> None:
-    from orpo.train.plots import plot_training_curves
-
-    try:
-        print(plot_training_curves(cfg.output_dir))
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from None
-
-
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    return run_command(lambda: plot_from_config(parse_args(argv, PlotConfig, prog)))
+    def command():
+        cfg = parse_args(argv, PlotConfig, prog)
+        from orpo.train.plots import plot_training_curves
+
+        try:
+            print(plot_training_curves(cfg.output_dir))
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,18 @@ from typing import Callable
 import jiwer
 import torch
 from tqdm.auto import tqdm
+from transformers import WhisperForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
+from orpo.config import MakePairsConfig
 from orpo.data.audio import SAMPLE_RATE, load_audio
-from orpo.data.schema import AsrSample
+from orpo.data.manifest import read_asr_manifest
+from orpo.data.schema import AsrSample, language_code
 from orpo.data.tokens import WhisperTokens
-from orpo.errors import ManifestError
+from orpo.errors import ConfigError, ManifestError
 from orpo.eval.generate import generate, generation_config
 from orpo.eval.text import TextNormalizer, uses_cer
+from orpo.model.load import load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -351,3 +356,35 @@ def make_pairs(
         if rates:
             setattr(summary, f"mean_{kind}", sum(rates) / len(rates))
     return summary
+
+
+def make_pairs_from_config(cfg: MakePairsConfig) -> None:
+    """The command: check the manifest, load the model, make the pairs, print the summary."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if cfg.language is not None:
+        try:
+            language_code(cfg.language)
+        except ValueError as err:
+            raise ConfigError(f"language: {err}") from None
+    samples = read_asr_manifest(cfg.data)  # a bad line stops here, before the model loads
+    hf_logging.set_verbosity_error()
+    processor = load_processor(cfg.model)
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(cfg.model)
+    except OSError as err:
+        raise ConfigError(f"model: cannot load a Whisper model from {cfg.model!r} ({err})") from None
+    model.to(torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    tokens = WhisperTokens.for_model(processor.tokenizer, model.config, cfg.task)
+    decoder = NBestDecoder(model, processor, cfg.num_beams, cfg.max_new_tokens)
+    summary = make_pairs(
+        samples,
+        Path(cfg.out),
+        decoder,
+        tokens,
+        default_language=cfg.language,
+        num_rejected=cfg.num_rejected,
+        batch_size=cfg.batch_size,
+    )
+    print(summary.line())
+    if summary.skipped:
+        print(f"skipped clips are listed in {skipped_path(Path(cfg.out))}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from orpo.config import MemoryConfig
+from orpo.errors import ConfigError
+
 # Parameter counts of the released checkpoints (OpenAI's model card).
 MODEL_PARAMETERS = {
     "tiny": 39e6,
@@ -61,3 +64,21 @@ def memory_table(models: list[str], gpus: int) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def print_memory_table(cfg: MemoryConfig) -> None:
+    for name in cfg.memory:
+        if name not in MODEL_PARAMETERS:
+            try:
+                float(name)
+            except ValueError:
+                raise ConfigError(
+                    f"memory: unknown model {name!r}; one of {', '.join(MODEL_PARAMETERS)} or a parameter count",
+                    key="memory",
+                ) from None
+    models = cfg.memory or list(MODEL_PARAMETERS)
+    print(
+        f"Model states per GPU with {cfg.gpus} GPU{'s' if cfg.gpus > 1 else ''} (full fine-tune, AdamW; "
+        "activations not included):\n"
+    )
+    print(memory_table(models, cfg.gpus))
