@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_clip, write_manifest
+from conftest import ROOT, write_clip, write_manifest
 from test_demo_e2e import tiny_en_dir  # noqa: F401  (fixture: real Whisper tiny.en, converted once and cached)
 
 from orpo.artifacts.run_model import describe, load_model
@@ -349,7 +349,8 @@ def test_export_of_real_training_checkpoints(tiny_model_dir, tmp_path):
 def test_tiny_en_exports_to_ct2_and_transcribes_the_demo_clip(tiny_en_dir, tmp_path, capsys):
     """Real Whisper tiny.en: merged HF model + int8 CTranslate2 model, which loads and transcribes correctly."""
     out = tmp_path / "tiny-en"
-    assert main(["--checkpoint", str(tiny_en_dir), "--out", str(out), "--ct2", "int8"]) == 0
+    clip = ROOT / "examples" / "demo" / "audio" / "test_000.flac"
+    assert main(["--checkpoint", str(tiny_en_dir), "--out", str(out), "--ct2", "int8", "--check_audio", str(clip)]) == 0
     printed = capsys.readouterr().out
     assert "ctranslate2:  'The mail usually arrives just before lunch.'" in printed, printed
     assert "transformers: 'The mail usually arrives just before lunch.'" in printed, printed
