@@ -28,6 +28,7 @@ from orpo.errors import NonFiniteLossError
 from orpo.eval.preference import preference_metrics
 from orpo.eval.report import format_comparison, write_eval_results
 from orpo.eval.wer import WerEvaluator
+from orpo.files import write_text_atomic
 from orpo.loss import orpo_loss
 from orpo.model.load import check_hardware, load_processor, load_whisper, save_final_model
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
@@ -131,7 +132,7 @@ class ORPOTrainer:
         self.train_log = TrainLog(accelerator, self.output_dir, append=self.resume_dir is not None)
         if not accelerator.is_main_process:
             return
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         remove_stale_staging(self.output_dir)
         if self.resume_dir is None:
             (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a resumed run appends
