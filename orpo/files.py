@@ -87,14 +87,15 @@ def publish_files(staging: Path, folder: Path) -> None:
     Used where the target folder holds other files too (a run's output_dir): each file is whole at all
     times, though a crash between two renames leaves some files new and some old.
     """
-    fsync_tree(staging)
     for entry in staging.iterdir():
         target = folder / entry.name
-        if target.is_dir() and not entry.is_dir():
-            shutil.rmtree(target)
         if entry.is_dir():
-            publish_dir(entry, target)
-        else:
-            os.replace(entry, target)
+            publish_dir(entry, target)  # flushes the folder itself
+            continue
+        if target.is_dir():
+            shutil.rmtree(target)
+        with entry.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(entry, target)
     staging.rmdir()
     fsync_dir(folder)

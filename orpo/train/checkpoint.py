@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from orpo.errors import CheckpointError
-from orpo.files import fsync_tree, publish_dir, write_text_atomic
+from orpo.files import publish_dir, write_text_atomic
 from orpo.scale.zero3 import deepspeed_checkpoint_problems
 
 logger = logging.getLogger(__name__)
@@ -154,8 +154,8 @@ def load_checkpoint_weights(model: torch.nn.Module, folder: Path, adapter_only: 
 
 
 def finalize_checkpoint(staging: Path, final: Path, state: dict) -> None:
-    """Write ``trainer_state.json`` last, flush everything to disk, then rename the folder into place."""
-    fsync_tree(staging)
+    """Write ``trainer_state.json`` last, then flush the folder to disk and rename it into place (until the rename
+    it is a ``.tmp-`` folder, which is never taken for a checkpoint)."""
     write_text_atomic(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
     publish_dir(staging, final, aside=final.with_name(f"{TMP_PREFIX}{final.name}.old"))
 
