@@ -97,6 +97,7 @@ class ORPOTrainer:
         self.stop = StopSignal()
         self.pending = []  # this optimizer step's micro-batches: (loss, per-clip metrics, sample indices)
         self.grad_norm = None
+        self.train_log = None  # train.log exists once the output_dir is set up
 
     # ----------------------------------------------------------------------------------------------
     # setup
@@ -460,7 +461,7 @@ class ORPOTrainer:
 
     def cleanup(self) -> None:
         self.stop.restore()
-        if hasattr(self, "train_log"):
+        if self.train_log is not None:
             self.train_log.close()
 
 
@@ -471,7 +472,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         trainer.setup()
         return trainer.train()
     except Exception as err:
-        logger.error("training failed: %s: %s", type(err).__name__, err)
+        if trainer.train_log is not None:  # a failure before that (a recipe check) is reported by the caller
+            logger.error("training failed: %s: %s", type(err).__name__, err)
         raise
     finally:
         trainer.cleanup()
