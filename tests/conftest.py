@@ -112,3 +112,35 @@ def write_manifest(
     path = folder / name
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# Real Whisper weights, through the project's own fetch command, into a cache shared by test runs.
+REAL_MODEL_CACHE = Path(os.environ.get("WHISPER_ORPO_CACHE", Path.home() / ".cache" / "whisper-orpo"))
+
+
+def real_whisper(name: str) -> Path:
+    """``whisper-orpo fetch-model NAME`` into the cache. A model that cannot be fetched fails the test in CI
+    (``CI=true``) and skips it elsewhere, with the reason printed either way."""
+    from orpo.errors import UserError
+    from orpo.model.fetch import fetch_model
+
+    try:
+        return fetch_model(name, REAL_MODEL_CACHE / f"whisper-{name}")
+    except UserError as err:
+        reason = f"real Whisper {name} could not be fetched: {err}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        print(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny_en_dir() -> Path:
+    """Real Whisper tiny.en (English only) in Hugging Face format."""
+    return real_whisper("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    """Real multilingual Whisper base in Hugging Face format."""
+    return real_whisper("base")

