@@ -35,7 +35,7 @@ WORKDIR /workspace/whisper-orpo
 COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/setup.sh
 RUN mkdir -p orpo && touch orpo/__init__.py \
-    && EXTRAS="${EXTRAS}" bash scripts/setup.sh
+    && FETCH_DEMO_MODEL=0 EXTRAS="${EXTRAS}" bash scripts/setup.sh
 
 # The code itself (the editable install above points at this folder).
 COPY . .

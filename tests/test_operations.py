@@ -96,4 +96,4 @@ def test_output_dir_gets_config_log_metrics_and_tensorboard(tmp_path):
     log = (out / "train.log").read_text()
     assert "training clips: 2" in log and "saved the final model" in log
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    assert list(out.glob("whisper-orpo/events.out.tfevents.*"))
+    assert list(out.glob("whisper-orpo/*/events.out.tfevents.*"))

@@ -110,3 +110,25 @@ def test_command(tmp_path, capsys):
     assert "training_curves.png" in capsys.readouterr().out
     assert main([]) == 2
     assert main([str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize("records", [demo_records(), []], ids=["with data", "no data"])
+def test_every_panel_has_a_y_axis_label(tmp_path, monkeypatch, records):
+    from matplotlib.figure import Figure
+
+    drawn, savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    write_metrics(tmp_path, records)
+    plot_training_curves(tmp_path)
+    (fig,) = drawn
+    assert len(fig.axes) == 6
+    for ax in fig.axes:
+        assert ax.get_ylabel().strip(), f"panel {ax.get_title()!r} has no y-axis label"
+        assert ax.get_xlabel() == "optimizer step"
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert len(set(labels)) == 6  # each says what its own axis measures

@@ -89,7 +89,7 @@ def test_metrics_are_logged_with_trl_names(trained):
     eval_steps = [r["step"] for r in records if "eval/loss" in r]
     assert eval_steps == [15, 30]
     assert results == {k: v for k, v in records[-1].items() if k != "step"}
-    assert list(output_dir.glob("whisper-orpo/events.out.tfevents.*")), "no TensorBoard event file"
+    assert list(output_dir.glob("whisper-orpo/*/events.out.tfevents.*")), "no TensorBoard event file"
 
 
 def test_saved_model_round_trips(trained, tiny_model_dir):

@@ -1,12 +1,14 @@
 """Evaluate a model a run left behind: WER/CER of generated transcripts and the ORPO preference metrics.
 
 Settings the command line leaves open (language, task, alpha, timestamps, prompt loss, dataset columns)
-come from the run's ``config.yaml`` when the model directory is (in) a training output_dir.
+come from the run's ``config.yaml`` when the model directory is (in) a training output_dir. The results go
+to ``--out``, else into the evaluated model's folder as ``eval_DATA.json`` (never the current directory).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -15,6 +17,7 @@ from orpo.artifacts.run_model import load_model, run_config
 from orpo.config import EvaluateConfig
 from orpo.data.collate import PreferenceCollator
 from orpo.data.dataset import DATASET_KEYS, PreferenceDataset, load_samples
+from orpo.data.manifest import is_manifest
 from orpo.data.tokens import WhisperTokens
 from orpo.eval.preference import preference_metrics
 from orpo.eval.report import format_comparison, write_eval_results
@@ -25,8 +28,17 @@ from orpo.scale.launch import build_accelerator
 logger = logging.getLogger("orpo")
 
 
+def default_results_path(model_dir: Path, data: str, split: str) -> Path:
+    """``MODEL/eval_STEM.json`` for a manifest, ``MODEL/eval_NAME_SPLIT.json`` for a Hugging Face dataset: beside
+    the evaluated weights, named after the data (a run's own ``eval_results.json`` is never overwritten)."""
+    name = Path(data).stem if is_manifest(data) else f"{Path(data.rstrip('/')).name}_{split}"
+    name = re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
+    return model_dir / f"eval_{name}.json"
+
+
 def evaluate_model(cfg: EvaluateConfig) -> None:
-    """Score ``cfg.model`` on ``cfg.data``; print the table, write ``cfg.out`` when set."""
+    """Score ``cfg.model`` on ``cfg.data``; print the table and write the results (:func:`default_results_path`
+    unless ``cfg.out`` names the file)."""
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = build_accelerator()
@@ -56,19 +68,19 @@ def evaluate_model(cfg: EvaluateConfig) -> None:
     if accelerator.is_main_process:
         print(format_comparison(None, metrics))
         print(", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if cfg.out:
-            out = Path(cfg.out)
-            write_eval_results(
-                out.parent,
-                metrics,
-                samples=evaluator.samples(),
-                name=out.name,
-                model=str(model_dir),
-                model_source=source,
-                data=str(cfg.data),
-                num_beams=cfg.num_beams,
-                max_length=cfg.max_length,
-                alpha=alpha,
-            )
-            print(f"wrote {out}")
+        out = Path(cfg.out) if cfg.out else default_results_path(model_dir, cfg.data, cfg.split)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_eval_results(
+            out.parent,
+            metrics,
+            samples=evaluator.samples(),
+            name=out.name,
+            model=str(model_dir),
+            model_source=source,
+            data=str(cfg.data),
+            num_beams=cfg.num_beams,
+            max_length=cfg.max_length,
+            alpha=alpha,
+        )
+        print(f"wrote {out}")
     accelerator.wait_for_everyone()

@@ -15,13 +15,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationMixin
 
+from orpo.scale.launch import unwrap_model
 from orpo.scale.zero3 import generation_kwargs
 
 
 def whisper_for_generation(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
     """The WhisperForConditionalGeneration inside a (DDP/compiled) ORPOWhisper or PEFT wrapper."""
     if accelerator is not None:
-        model = accelerator.unwrap_model(model)
+        model = unwrap_model(model, accelerator)
     model = getattr(model, "whisper", model)  # ORPOWhisper
     if hasattr(model, "get_base_model"):  # PEFT: adapters stay active in the base model's layers
         model = model.get_base_model()

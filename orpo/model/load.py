@@ -83,12 +83,30 @@ def check_hardware(cfg: TrainConfig) -> None:
             raise ConfigError("mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
 
 
+def write_weights(whisper, folder: Path) -> None:
+    """``config.json``, ``generation_config.json`` and ``model.safetensors`` (tied weights stored once) of a plain
+    model, as ``save_pretrained`` writes them but without its unwrapping, which imports DeepSpeed whenever it is
+    installed (DeepSpeed then prints "Setting accelerator to ..." in runs that never use it). A quantised
+    (bitsandbytes) or PEFT model keeps ``save_pretrained``: its weights need their own serialisation."""
+    if getattr(whisper, "hf_quantizer", None) is not None or hasattr(whisper, "peft_config"):
+        whisper.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    whisper.config.dtype = str(whisper.dtype).split(".")[1]  # as save_pretrained records them
+    whisper.config.architectures = [type(whisper).__name__]
+    whisper.config.save_pretrained(folder)
+    whisper.generation_config.save_pretrained(folder)
+    save_model(whisper, str(folder / "model.safetensors"), metadata={"format": "pt"}, force_contiguous=True)
+
+
 def write_whisper(whisper, processor: WhisperProcessor, folder: Path) -> None:
     """Everything ``from_pretrained`` and the ASR pipeline need: safetensors weights with ``use_cache`` on, the
     processor, the feature extractor's ``preprocessor_config.json``, and the tokenizer's vocabulary files with
     Whisper's spelling table (``normalizer.json``), as hub checkpoints have them."""
     whisper.config.use_cache = True  # training turns the KV cache off; inference must not run without it
-    whisper.save_pretrained(folder, safe_serialization=True)
+    write_weights(whisper, folder)
     tokenizer = processor.tokenizer
     if getattr(tokenizer, "english_spelling_normalizer", None) is None:
         tokenizer.english_spelling_normalizer = english_spelling_mapping()

@@ -119,3 +119,23 @@ def build_accelerator(
         project_dir=project_dir,
         dataloader_config=loader_config,
     )
+
+
+def unwrap_model(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
+    """``model`` out of its DDP / DataParallel wrappers (``Accelerator.unwrap_model`` without DeepSpeed).
+
+    Accelerate's own unwrap imports DeepSpeed whenever it is installed, only to test for its engine, and
+    importing DeepSpeed prints "Setting accelerator to ..." and takes seconds. A DeepSpeed engine exists only
+    once DeepSpeed is imported, so Accelerate's unwrap is used only then.
+    """
+    import sys
+
+    if "deepspeed" in sys.modules:
+        if accelerator is not None:
+            return accelerator.unwrap_model(model)
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(model)
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model

@@ -23,7 +23,7 @@ import torch
 from orpo.config import TrainConfig
 from orpo.errors import CheckpointError
 from orpo.scale.checks import is_auto
-from orpo.scale.launch import accelerate_state, num_processes, zero_stage
+from orpo.scale.launch import accelerate_state, num_processes, unwrap_model, zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def consolidated_whisper(accelerator, model) -> torch.nn.Module | None:
     model (with the same adapters), which it returns; the other processes get None. Tied weights
     (``proj_out`` and ``embed_tokens``) stay tied, as in the copy they are one parameter.
     """
-    whisper = accelerator.unwrap_model(model).whisper
+    whisper = unwrap_model(model, accelerator).whisper
     if zero_stage(accelerator) != 3:
         return whisper
     state = accelerator.get_state_dict(model)  # all ranks take part; the main process gets the dict

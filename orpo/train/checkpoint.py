@@ -23,6 +23,7 @@ import torch
 
 from orpo.errors import CheckpointError
 from orpo.files import publish_dir, write_text_atomic
+from orpo.scale.launch import unwrap_model
 from orpo.scale.zero3 import deepspeed_checkpoint_problems
 
 logger = logging.getLogger(__name__)
@@ -212,11 +213,11 @@ def register_weight_hooks(accelerator, adapter_only: bool) -> None:
 
     def save_weights(models, weights, folder):
         if weights:
-            weights[0] = checkpoint_state_dict(accelerator.unwrap_model(models[0]), adapter_only)
+            weights[0] = checkpoint_state_dict(unwrap_model(models[0], accelerator), adapter_only)
 
     def load_weights(models, folder):
         if models:
-            load_checkpoint_weights(accelerator.unwrap_model(models[0]), Path(folder), adapter_only)
+            load_checkpoint_weights(unwrap_model(models[0], accelerator), Path(folder), adapter_only)
             models.clear()
 
     accelerator.register_save_state_pre_hook(save_weights)

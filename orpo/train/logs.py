@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -16,14 +17,21 @@ from tqdm.auto import tqdm
 from orpo.config import TrainConfig, config_to_dict
 from orpo.errors import ConfigError
 
+# The per-step metric lines: printed with tqdm.write (beside the progress bar), and through this logger into
+# train.log only (it does not propagate to the console's handlers).
+metrics_logger = logging.getLogger("orpo.metrics")
+metrics_logger.propagate = False
+
 
 class TrainLog:
-    """Console logging, and ``output_dir/train.log`` on the main process (appended to when resuming)."""
+    """Console logging, and ``output_dir/train.log`` on the main process (appended to when resuming): every
+    log record, the metric lines of :class:`MetricsLog`, and at the end the run's total wall time."""
 
     FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
     def __init__(self, accelerator, output_dir: Path, append: bool):
         logging.basicConfig(format=self.FORMAT, level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+        self.started = time.monotonic()
         self.handler = None
         self.root = logging.getLogger()
         self.level = self.root.level
@@ -34,12 +42,25 @@ class TrainLog:
             self.root.addHandler(self.handler)
             if self.root.getEffectiveLevel() > logging.INFO:
                 self.root.setLevel(logging.INFO)
+            metrics_logger.addHandler(self.handler)
+            metrics_logger.setLevel(logging.INFO)
 
     def close(self) -> None:
         if self.handler is not None:
+            logging.getLogger("orpo").info("total wall time: %s", format_duration(time.monotonic() - self.started))
+            metrics_logger.removeHandler(self.handler)
             self.root.removeHandler(self.handler)
             self.handler.close()
             self.root.setLevel(self.level)
+
+
+def format_duration(seconds: float) -> str:
+    """'42.3 s', '3 min 05 s' or '2 h 07 min 09 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
 
 
 class MetricsLog:
@@ -53,7 +74,9 @@ class MetricsLog:
         self.accelerator.log(metrics, step=step)
         if not self.accelerator.is_main_process:
             return
-        tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        line = f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        tqdm.write(line)
+        metrics_logger.info(line)
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
@@ -103,12 +126,36 @@ def check_trackers(cfg: TrainConfig) -> None:
             )
 
 
+TENSORBOARD_DIR = "whisper-orpo"  # output_dir/whisper-orpo/RUN: one TensorBoard run per launch
+
+
+def tensorboard_run_name(folder: Path) -> str:
+    """The start time (``20261202-135016``), with ``-2``, ``-3``, ... when ``folder`` holds that run already."""
+    name = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = name, 1
+    while (folder / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def init_trackers(accelerator, cfg: TrainConfig, output_dir: Path) -> None:
-    """TensorBoard writes to output_dir/whisper-orpo; wandb keeps its files in output_dir and names the run after
-    it; MLflow follows MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (default ./mlruns, experiment whisper-orpo)."""
+    """TensorBoard writes to output_dir/whisper-orpo/START_TIME, so a rerun (or a resumed run) into the same
+    output_dir is a run of its own rather than more points on the last one; wandb keeps its files in output_dir
+    and names the run after it; MLflow follows MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (default ./mlruns,
+    experiment whisper-orpo)."""
+    from accelerate.tracking import TensorBoardTracker
+
     tracker_config = {
         k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()
     }
+    if accelerator.is_main_process and any(str(t) == "tensorboard" for t in accelerator.log_with):
+        folder = output_dir / TENSORBOARD_DIR
+        run = tensorboard_run_name(folder)
+        accelerator.log_with = [
+            TensorBoardTracker(run, folder) if str(t) == "tensorboard" else t for t in accelerator.log_with
+        ]
+        logging.getLogger("orpo").info("TensorBoard run: %s (tensorboard --logdir %s)", folder / run, output_dir)
     accelerator.init_trackers(
         "whisper-orpo",
         config=tracker_config,

@@ -16,13 +16,15 @@ from pathlib import Path
 from orpo.files import staged_file
 from orpo.train.logs import read_metrics
 
-# (title, training key, eval key, y-axis as a percentage)
+# (title, training key, eval key, y-axis as a percentage, y-axis label)
 PANELS = [
-    ("loss", "loss", "eval/loss", False),
-    ("NLL loss (chosen)", "nll_loss", "eval/nll_loss", False),
-    ("rewards/margins", "rewards/margins", "eval/rewards/margins", False),
-    ("rewards/accuracies", "rewards/accuracies", "eval/rewards/accuracies", False),
+    ("loss", "loss", "eval/loss", False, "ORPO loss (NLL + odds-ratio term)"),
+    ("NLL loss (chosen)", "nll_loss", "eval/nll_loss", False, "NLL per token of the chosen (nats)"),
+    ("rewards/margins", "rewards/margins", "eval/rewards/margins", False, "reward margin (chosen - rejected)"),
+    ("rewards/accuracies", "rewards/accuracies", "eval/rewards/accuracies", False, "share of pairs chosen > rejected"),
 ]
+ERROR_RATE_LABEL = "error rate (WER, CER)"
+LEARNING_RATE_LABEL = "learning rate"
 TRAIN_COLOR, EVAL_COLOR, CER_COLOR = "tab:blue", "tab:orange", "tab:green"
 
 
@@ -51,56 +53,40 @@ def _annotate_ends(ax, steps, values, percent: bool, color: str) -> None:
         )
 
 
-def plot_training_curves(
-    output_dir: str | Path, metrics_file: str = "metrics.jsonl", filename: str = "training_curves.png"
-) -> Path:
-    """Draw the training curves of a run into ``output_dir/training_curves.png`` and return its path.
-
-    Panels without data say so instead of failing, so a short run (or one without test data) still gets
-    a picture. Raises FileNotFoundError when ``output_dir`` has no metrics file.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _finish(ax, title: str, ylabel: str, has_data: bool, percent: bool = False) -> None:
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    output_dir = Path(output_dir)
-    metrics_path = output_dir / metrics_file
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} does not exist: no metrics to plot")
-    records = read_metrics(metrics_path)
+    ax.set_title(title)
+    ax.margins(x=0.04, y=0.12)  # room for the value labels
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if has_data:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
 
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
-    FigureCanvasAgg(fig)  # Agg: no display, no pyplot state
-    axes = fig.subplots(2, 3).ravel()
 
-    def finish(ax, title, has_data, percent=False):
-        ax.set_title(title)
-        ax.margins(x=0.04, y=0.12)  # room for the value labels
-        ax.set_xlabel("optimizer step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        if percent:
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        if has_data:
-            ax.legend(fontsize=8, loc="best")
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+def _metric_panel(ax, records: list[dict], title, train_key, eval_key, percent, ylabel) -> None:
+    """Training values as a line, evaluations as markers on the same axes."""
+    steps, values = series(records, train_key)
+    eval_steps, eval_values = series(records, eval_key)
+    if steps:
+        ax.plot(steps, values, color=TRAIN_COLOR, linewidth=1.5, label=f"train {train_key}")
+    if eval_steps:
+        ax.plot(eval_steps, eval_values, color=EVAL_COLOR, marker="o", linestyle="--", label=eval_key)
+        _annotate_ends(ax, eval_steps, eval_values, percent, EVAL_COLOR)
+    if train_key == "rewards/accuracies":
+        ax.set_ylim(-0.05, 1.05)
+    if train_key == "rewards/margins" and (steps or eval_steps):
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+    _finish(ax, title, ylabel, bool(steps or eval_steps), percent)
 
-    for ax, (title, train_key, eval_key, percent) in zip(axes, PANELS):
-        steps, values = series(records, train_key)
-        eval_steps, eval_values = series(records, eval_key)
-        if steps:
-            ax.plot(steps, values, color=TRAIN_COLOR, linewidth=1.5, label=f"train {train_key}")
-        if eval_steps:
-            ax.plot(eval_steps, eval_values, color=EVAL_COLOR, marker="o", linestyle="--", label=eval_key)
-            _annotate_ends(ax, eval_steps, eval_values, percent, EVAL_COLOR)
-        if train_key == "rewards/accuracies":
-            ax.set_ylim(-0.05, 1.05)
-        if train_key == "rewards/margins" and (steps or eval_steps):
-            ax.axhline(0.0, color="gray", linewidth=0.8)
-        finish(ax, title, bool(steps or eval_steps), percent)
 
-    ax = axes[4]
+def _error_rate_panel(ax, records: list[dict]) -> None:
     wer_steps, wer = series(records, "eval/wer")
     cer_steps, cer = series(records, "eval/cer")
     if wer_steps:
@@ -111,16 +97,46 @@ def plot_training_curves(
         _annotate_ends(ax, cer_steps, cer, True, CER_COLOR)
     if wer_steps or cer_steps:
         ax.set_ylim(0, 1.15 * max(wer + cer) or 1.0)
-    finish(ax, "eval error rate (generated transcripts)", bool(wer_steps or cer_steps), percent=True)
+    _finish(ax, "eval error rate (generated transcripts)", ERROR_RATE_LABEL, bool(wer_steps or cer_steps), True)
 
-    ax = axes[5]
+
+def _learning_rate_panel(ax, records: list[dict]) -> None:
     lr_steps, lr = series(records, "learning_rate")
     if lr_steps:
         ax.plot(lr_steps, lr, color="tab:purple", label="learning_rate")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    finish(ax, "learning rate", bool(lr_steps))
+    _finish(ax, "learning rate", LEARNING_RATE_LABEL, bool(lr_steps))
 
-    fig.suptitle(f"whisper-orpo: {output_dir.resolve().name}" + ("" if records else " (no records yet)"))
+
+def training_curves_figure(records: list[dict], title: str):
+    """The six panels of ``records`` (metrics.jsonl) in a matplotlib Figure (Agg: no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3).ravel()
+    for ax, panel in zip(axes, PANELS):
+        _metric_panel(ax, records, *panel)
+    _error_rate_panel(axes[4], records)
+    _learning_rate_panel(axes[5], records)
+    fig.suptitle(title + ("" if records else " (no records yet)"))
+    return fig
+
+
+def plot_training_curves(
+    output_dir: str | Path, metrics_file: str = "metrics.jsonl", filename: str = "training_curves.png"
+) -> Path:
+    """Draw the training curves of a run into ``output_dir/training_curves.png`` and return its path.
+
+    Panels without data say so instead of failing, so a short run (or one without test data) still gets
+    a picture. Raises FileNotFoundError when ``output_dir`` has no metrics file.
+    """
+    output_dir = Path(output_dir)
+    metrics_path = output_dir / metrics_file
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} does not exist: no metrics to plot")
+    fig = training_curves_figure(read_metrics(metrics_path), f"whisper-orpo: {output_dir.resolve().name}")
     path = output_dir / filename
     with staged_file(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
