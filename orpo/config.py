@@ -183,6 +183,16 @@ class TrainConfig(Config):
     generation_max_length: int = _key(
         225, "Most decoder tokens of a generated eval transcript, prefix included (capped at the model's limit)."
     )
+    compare_num_beams: int = _key(
+        0,
+        "Also measure the base (with eval_before_train) and the final model's WER/CER with this beam width, "
+        "side by side with greedy in the closing table (0: off).",
+    )
+    compare_sft: bool = _key(
+        False,
+        "After the run, train the same recipe with alpha 0 (plain fine-tuning on the chosen transcripts) into "
+        "output_dir/sft-baseline and add it to the closing table: what the odds-ratio term adds.",
+    )
     save_steps: int = _key(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _key(2, "Keep at most this many checkpoints (0: keep all); the newest is never deleted.")
     max_nonfinite_steps: int = _key(
@@ -218,6 +228,7 @@ class TrainConfig(Config):
             "min_audio_len",
             "lora_dropout",
             "save_total_limit",
+            "compare_num_beams",
         )
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -227,8 +238,15 @@ class TrainConfig(Config):
                 f"max_audio_len ({self.max_audio_len}) must be above min_audio_len ({self.min_audio_len})",
                 key="max_audio_len",
             )
+        for name in ("compare_num_beams", "compare_sft"):
+            if getattr(self, name) and not self.test_data:
+                raise ConfigError(f"{name} compares models on the test set: set test_data too", key=name)
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
+        self.check_combinations()
+
+    def check_combinations(self) -> None:
+        """Trackers, and keys that only make sense together (quantisation and adapters, AdaLoRA's schedule)."""
         for name in self.report_to:
             if name not in TRACKERS:
                 close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
@@ -278,25 +296,31 @@ class EvaluateConfig(Config):
     split: str = _key("test", "Split of a Hugging Face dataset.")
     base_model: Optional[str] = _key(
         None,
-        "Base model of an adapter or checkpoint directory (None: the adapter's "
-        "own record, else the run's config.yaml).",
+        "Base model of an adapter or checkpoint directory; if unset, the adapter's "
+        "own record, else the run's config.yaml.",
     )
     language: Optional[str] = _key(
         None,
-        "Default language of the clips; a clip's own 'language' wins (None: the "
-        "run's config.yaml). Ignored by English-only models.",
+        "Language of the clips without a 'language' field of their own; if unset, the "
+        "run's config.yaml. Ignored by English-only models.",
     )
     task: Optional[str] = _key(
-        None, "Whisper task token (None: the run's config.yaml, else transcribe).", choices=("transcribe", "translate")
+        None,
+        "Whisper task token; if unset, the run's config.yaml, else transcribe.",
+        choices=("transcribe", "translate"),
     )
     num_beams: int = _key(1, "Beam width of the generated transcripts (1: greedy).")
     max_length: int = _key(225, "Most decoder tokens per generated transcript, prefix included.")
     batch_size: int = _key(8, "Clips per batch (per process).")
     alpha: Optional[float] = _key(
-        None, "ORPO alpha of the preference metrics (None: the run's config.yaml, else 0.1, the training default)."
+        None, "ORPO alpha of the preference metrics; if unset, the run's config.yaml, else 0.1 (as in training)."
     )
     max_audio_len: float = _key(30.0, "Leave out clips longer than this many seconds.")
-    out: Optional[str] = _key(None, "JSON file for the metrics and per-clip transcripts (None: none written).")
+    out: Optional[str] = _key(
+        None,
+        "JSON file for the metrics and per-clip transcripts; if unset, eval_DATA.json in the model's folder "
+        "(DATA: the manifest's name, or the dataset's name and split).",
+    )
 
     def check(self) -> None:
         for name, least in (("num_beams", 1), ("batch_size", 1), ("max_length", 2)):
@@ -316,8 +340,8 @@ class MakePairsConfig(Config):
     batch_size: int = _key(8, "Clips decoded at a time.")
     language: Optional[str] = _key(None, "Language of clips without a 'language' field (multilingual models).")
     task: str = _key("transcribe", "Whisper task token.", choices=("transcribe", "translate"))
-    max_new_tokens: Optional[int] = _key(None, "Longest hypothesis in tokens (None: as long as the decoder allows).")
-    device: Optional[str] = _key(None, "Torch device (None: cuda if available, else cpu).")
+    max_new_tokens: Optional[int] = _key(None, "Longest hypothesis in tokens; if unset, as long as the decoder allows.")
+    device: Optional[str] = _key(None, "Torch device; if unset, cuda if available, else cpu.")
 
     def check(self) -> None:
         for name in ("num_beams", "num_rejected", "batch_size"):
@@ -344,17 +368,19 @@ class ExportConfig(Config):
     out: Optional[str] = _key(None, "Directory for the merged Hugging Face model.", required=True)
     base_model: Optional[str] = _key(
         None,
-        "Base model of an adapter or state-dict checkpoint (None: the run's config.yaml or the adapter's own record).",
+        "Base model of an adapter or state-dict checkpoint; if unset, the run's config.yaml or the adapter's own "
+        "record.",
     )
     ct2: Optional[str] = _key(
         None, "Also write a CTranslate2 model with this quantization (needs ctranslate2).", choices=CT2_QUANTIZATIONS
     )
-    ct2_out: Optional[str] = _key(None, "Directory for the CTranslate2 model (None: OUT_ct2).")
+    ct2_out: Optional[str] = _key(None, "Directory for the CTranslate2 model; if unset, OUT_ct2 beside OUT.")
     language: Optional[str] = _key(
-        None, "Language of the check transcription for multilingual models (None: the run's config.yaml, else English)."
+        None,
+        "Language of the check transcription for multilingual models; if unset, the run's config.yaml, else English.",
     )
     check_audio: Optional[str] = _key(
-        None, "Audio file for the CTranslate2 check transcription (None: a 2 s synthetic tone)."
+        None, "Audio file for the CTranslate2 check transcription; if unset, a 2 s synthetic tone."
     )
     check_max_length: int = _key(128, "Most decoder tokens of the check transcription.")
     overwrite: bool = _key(False, "Replace OUT (and the CTranslate2 folder) if they exist.")

@@ -20,8 +20,8 @@ Usage:
     python examples/demo/make_demo.py --transcribe DIR    # re-run a Whisper checkpoint on the clips
                                                           # and compare with the stored transcripts
 
-A transformers copy of tiny.en for --transcribe can be made offline with
-`python /work/shared/realwhisper/convert_ct2_whisper.py /tmp/tiny.en`.
+A transformers copy of tiny.en for --transcribe: `whisper-orpo fetch-model tiny.en models/whisper-tiny.en`
+(scripts/setup.sh makes it).
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ TEST = [
         text="The hotel room costs $120 per night.",
         hand="The hotel room costs $220 per night.",
         # tiny.en's "$1.20" is a real error, but it normalises to the same "120", so the
-        # hand-written variant is used.
+        # hand-written variant is used (likewise "6.30" for "six thirty" below).
         tiny_en="The hotel room costs $1.20 per night.",
         rejected_from="hand",
     ),
@@ -326,6 +326,102 @@ TEST = [
         hand="Emily forgot her umbrella and got soap in the rain.",
         tiny_en="family for Dr Umbrella and Dr Soaked in the rain.",
         rejected_from="tiny_en",
+    ),
+    dict(
+        text="The coffee shop on the corner opens at six thirty.",
+        hand="The coffee shop on the corner opens at six forty.",
+        tiny_en="The coffee shop on the corner opens at 6.30.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="My brother fixed the old bicycle in the garage.",
+        hand="My brother fixed the old bicycles in the garage.",
+        tiny_en="My brother fixed the old bicycle in the garage.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="We need three more chairs for the dinner party.",
+        hand="We need free more chairs for the dinner party.",
+        tiny_en="We need three more chairs for the dinner party.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The teacher asked the students to read chapter five.",
+        hand="The teacher asked the student to read chapter five.",
+        tiny_en="The Deuter-Actmus Student Steering Chapter 5",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="It was too cold to go swimming in the lake.",
+        hand="It was to cold to go swimming in the lake.",
+        tiny_en="It was too cold to go swimming in the lake.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="Daniel lost his wallet somewhere near the train station.",
+        hand="Daniel lost his wallet somewhere near the rain station.",
+        tiny_en="And your lost kiss while it's somewhere near the train station.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Please close the window before it starts to rain.",
+        hand="Please close the window before he starts to rain.",
+        tiny_en="Please close the window before it starts to rain.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The dog barked at the mailman every single morning.",
+        hand="The dog parked at the mailman every single morning.",
+        tiny_en="The dog bark tat the mailman every single morning.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="She bought fresh vegetables at the market on Sunday.",
+        hand="She bought fresh vegetable at the market on Sunday.",
+        tiny_en="She bought fresh, magical, metamomarkets on Sunday",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Our neighbors painted their fence a bright shade of blue.",
+        hand="Our neighbors painted there fence a bright shade of blew.",
+        tiny_en="Our neighbors painted an offensive right shade of blue.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="I will call you as soon as the meeting ends.",
+        hand="I will call you as soon as the meeting end.",
+        tiny_en="I will call you as soon as the meeting ends.",
+        rejected_from="hand",
+    ),
+    dict(
+        text="The library has more than ten thousand old maps.",
+        hand="The library has more then ten thousand old maps.",
+        tiny_en="The library has more than 10,000 dollars marks.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Grandpa told us stories about his years at sea.",
+        hand="Grandpa told us stories about his ears at sea.",
+        tiny_en="Brent Potoll, the story about Kibir and F.C.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The restaurant was full, so we ate at home.",
+        hand="The restaurant was full, so we eight at home.",
+        tiny_en="The restaurant was full, so we ate our home.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="Michael plays the piano in a small jazz band.",
+        hand="Michael plays the piano in a small jazz bend.",
+        tiny_en="Michael, please, look at the end of the small gas band.",
+        rejected_from="tiny_en",
+    ),
+    dict(
+        text="The storm knocked down two trees on our street.",
+        hand="The storm knocked down to trees on our street.",
+        tiny_en="The storm knocked down two trees on our street.",
+        rejected_from="hand",
     ),
 ]
 

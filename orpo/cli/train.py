@@ -13,9 +13,9 @@ PROG = "whisper-orpo train"
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     def command():
         cfg = parse_args(argv, TrainConfig, prog)
-        from orpo.train.loop import train
+        from orpo.train.compare import train_and_compare
 
-        train(cfg)
+        train_and_compare(cfg)
 
     return run_command(command)
 

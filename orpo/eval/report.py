@@ -76,6 +76,54 @@ def format_comparison(base: dict | None, tuned: dict | None) -> str:
     return _table(["metric", "base", "tuned", "change"], rows)
 
 
+def error_rate_key(results: dict) -> str:
+    """``wer``, or ``cer`` for a test set of unspaced languages only."""
+    return "wer" if _metric(results, "wer") is not None else "cer"
+
+
+def quality_rows(base: dict | None, tuned: dict, sft: dict | None, alpha: float, beams: int) -> list[dict]:
+    """The rows of the closing quality table: base and tuned, greedy and (``beams`` > 0) beam search, and the
+    plain fine-tuning baseline (``sft``, greedy) when it ran. Preference accuracy is the share of test pairs
+    whose chosen transcript has the higher average log-prob, and the margin their mean log-prob gap: neither
+    depends on alpha, so the rows compare alike."""
+    rate = error_rate_key(tuned)
+    decodings = [("greedy", rate)] + ([(f"beam {beams}", f"{rate}_beam{beams}")] if beams > 0 else [])
+    models = [("base", base, decodings), (f"ORPO (alpha {alpha:g})", tuned, decodings)]
+    if sft is not None:
+        models.append(("plain fine-tuning (alpha 0)", sft, decodings[:1]))
+    rows = []
+    for name, results, model_decodings in models:
+        chosen, rejected = _metric(results, "logps/chosen"), _metric(results, "logps/rejected")
+        for decoding, key in model_decodings:
+            rows.append(
+                {
+                    "model": name,
+                    "decoding": decoding,
+                    rate: _metric(results, key),
+                    "preference_accuracy": _metric(results, "rewards/accuracies"),
+                    "logp_margin": None if chosen is None or rejected is None else chosen - rejected,
+                }
+            )
+    return rows
+
+
+def format_quality_table(rows: list[dict]) -> str:
+    """The quality rows as a Markdown table (a model that was not evaluated shows "-")."""
+    rate = "wer" if "wer" in rows[0] else "cer"
+    header = ["model", "decoding", rate.upper(), "preference accuracy", "log-prob margin"]
+    cells = [
+        [
+            row["model"],
+            row["decoding"],
+            _format_value(row[rate], True),
+            _format_value(row["preference_accuracy"], False),
+            _format_value(row["logp_margin"], False),
+        ]
+        for row in rows
+    ]
+    return _table(header, cells)
+
+
 def _json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -86,6 +134,13 @@ def _json_ready(value):
     if isinstance(value, torch.Tensor):
         return _json_ready(value.tolist())
     return value
+
+
+def add_to_eval_results(output_dir: str | Path, name: str = "eval_results.json", **entries) -> Path:
+    """Add ``entries`` to an ``eval_results.json`` already written (atomically, like the first write)."""
+    path = Path(output_dir) / name
+    record = {**json.loads(path.read_text(encoding="utf-8")), **entries}
+    return write_text_atomic(path, json.dumps(_json_ready(record), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_eval_results(

@@ -66,13 +66,14 @@ class WerEvaluator:
             worker_init_fn=worker_init_fn,
         )
 
-    def __call__(self, model: torch.nn.Module, tag: str = "tuned") -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, tag: str = "tuned", num_beams: int | None = None) -> dict[str, float]:
+        """WER/CER of the model's transcripts (beam width ``num_beams``, else the evaluator's own)."""
         texts = generate_transcripts(
             model,
             self.loader,
             self.accelerator,
             self.tokenizer,
-            self.num_beams,
+            num_beams or self.num_beams,
             self.max_length,
             desc=f"generate ({tag})",
         )

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from orpo.errors import UserError
+from orpo.errors import ConfigError, UserError
 from orpo.files import fresh_staging_dir, publish_dir, write_text_atomic
 from orpo.model.ct2 import convert_ct2_whisper
 
@@ -103,6 +103,30 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     except OSError:
         return False
     return True
+
+
+def check_model_source(model: str, key: str = "base_model") -> None:
+    """A model that cannot load stops the run at once, saying how to get it, rather than after minutes of hub
+    retries: a local folder must exist; a hub id needs the hub, or a copy in the Hugging Face cache."""
+    if Path(model).expanduser().is_dir():
+        return
+    guess = Path(model).name.removeprefix("whisper-")
+    fetch = f"whisper-orpo fetch-model {guess if guess in KNOWN_MODELS else 'NAME'} DIR"
+    parent = Path(model).parent
+    named_like_ours = guess in KNOWN_MODELS and known_model(model) is None  # models/whisper-tiny.en
+    looks_local = model.startswith((".", "/", "~")) or named_like_ours or (str(parent) != "." and parent.is_dir())
+    if looks_local:
+        raise ConfigError(
+            f"{key}: {model} is not a folder. Make it with: {fetch.replace('DIR', model)}"
+            + (" (scripts/setup.sh does this for the demo)" if guess == "tiny.en" else "")
+        )
+    if isinstance(try_to_load_from_cache(model, "config.json"), str) or hub_reachable():
+        return
+    raise ConfigError(
+        f"{key}: {model} is neither a local folder nor in the Hugging Face cache, and the model hub cannot be "
+        f"reached from this machine. Fetch it into a folder ({fetch}; known names: {', '.join(KNOWN_MODELS)}) "
+        f"and pass --{key} DIR."
+    )
 
 
 def fetched_model_ok(folder: Path) -> bool:

@@ -30,6 +30,7 @@ from orpo.eval.report import format_comparison, write_eval_results
 from orpo.eval.wer import WerEvaluator
 from orpo.files import write_text_atomic
 from orpo.loss import orpo_loss
+from orpo.model.fetch import check_model_source
 from orpo.model.load import check_hardware, load_processor, load_whisper, save_final_model
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
 from orpo.model.peft import adapter_hooks, apply_peft
@@ -107,6 +108,7 @@ class ORPOTrainer:
         check_hardware(cfg)
         check_trackers(cfg)
         check_launch_config(cfg)  # recipe versus accelerate/DeepSpeed launch config, before any weights load
+        check_model_source(cfg.base_model)
         self.accelerator = build_accelerator(
             cfg.mixed_precision,
             cfg.gradient_accumulation_steps,
@@ -278,7 +280,7 @@ class ORPOTrainer:
             cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
         )
         if self.test_loader is not None and cfg.eval_before_train and state.global_step == 0:
-            self.base_results = self.evaluate(tag="base")
+            self.base_results = self.evaluate(tag="base", compare_beams=True)
             self.log.write(0, self.base_results)
         self.progress = tqdm(
             total=self.total_steps,
@@ -414,10 +416,16 @@ class ORPOTrainer:
             )
         self.log.write(state.global_step, metrics)
 
-    def evaluate(self, tag: str = "tuned") -> dict[str, float]:
-        """Eval loss and preference metrics, then WER/CER of generated transcripts, on the whole test set."""
+    def evaluate(self, tag: str = "tuned", compare_beams: bool = False) -> dict[str, float]:
+        """Eval loss and preference metrics, then WER/CER of generated transcripts, on the whole test set; with
+        ``compare_beams`` (the base and final evaluations) also WER/CER at ``compare_num_beams`` (``wer_beamN``)."""
         metrics = preference_metrics(self.model, self.test_loader, self.accelerator, self.cfg.alpha)
-        return {**metrics, **self.wer_eval(self.model, tag=tag)}
+        metrics.update(self.wer_eval(self.model, tag=tag))
+        beams = self.cfg.compare_num_beams
+        if compare_beams and beams > 0:
+            beam_metrics = self.wer_eval(self.model, tag=f"{tag}_beam{beams}", num_beams=beams)
+            metrics.update({f"{key}_beam{beams}": value for key, value in beam_metrics.items()})
+        return metrics
 
     def save_checkpoint(self) -> Path:
         record = self.state.record(self.accelerator, self.total_steps, self.settings)
@@ -443,7 +451,7 @@ class ORPOTrainer:
             return {}
         results = {}
         if self.test_loader is not None:
-            results = self.evaluate()
+            results = self.evaluate(compare_beams=True)
             self.log.write(self.state.global_step, results)
             if accelerator.is_main_process:
                 write_eval_results(self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples())
