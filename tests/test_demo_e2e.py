@@ -34,6 +34,16 @@ def test_demo_recipe_trains_and_the_model_transcribes(tiny_en_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train: 100%" in result.stderr, "no progress bar"
     assert "rewards/margins=" in result.stdout + result.stderr, "no metrics printed"
+    table = json.loads((output_dir / "eval_results.json").read_text())["quality_table"]
+    assert [(row["model"], row["decoding"]) for row in table] == [
+        ("base", "greedy"),
+        ("base", "beam 5"),
+        ("ORPO (alpha 0.1)", "greedy"),
+        ("ORPO (alpha 0.1)", "beam 5"),
+        ("plain fine-tuning (alpha 0)", "greedy"),
+    ]
+    assert all(row["wer"] is not None for row in table)
+    assert "| plain fine-tuning (alpha 0) |" in result.stdout, "the closing table is not printed"
 
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
