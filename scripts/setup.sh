@@ -48,4 +48,4 @@ if ! .venv/bin/whisper-orpo fetch-model tiny.en models/whisper-tiny.en; then
     echo "or run this script again (what is installed already is kept)." >&2
     exit 1
 fi
-step "done: . .venv/bin/activate, then python train.py --config recipes/demo.yaml --base_model models/whisper-tiny.en"
+step "done: . .venv/bin/activate, then python train.py --config recipes/demo.yaml"
