@@ -118,20 +118,23 @@ def write_manifest(
 REAL_MODEL_CACHE = Path(os.environ.get("WHISPER_ORPO_CACHE", Path.home() / ".cache" / "whisper-orpo"))
 
 
+def unavailable(reason: str):
+    """Something a test needs is missing: a failure in CI (``CI=true``), a skip elsewhere; the reason printed."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    print(reason)
+    pytest.skip(reason)
+
+
 def real_whisper(name: str) -> Path:
-    """``whisper-orpo fetch-model NAME`` into the cache. A model that cannot be fetched fails the test in CI
-    (``CI=true``) and skips it elsewhere, with the reason printed either way."""
+    """``whisper-orpo fetch-model NAME`` into the cache (see :func:`unavailable` when it cannot be fetched)."""
     from orpo.errors import UserError
     from orpo.model.fetch import fetch_model
 
     try:
         return fetch_model(name, REAL_MODEL_CACHE / f"whisper-{name}")
     except UserError as err:
-        reason = f"real Whisper {name} could not be fetched: {err}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        print(reason)
-        pytest.skip(reason)
+        unavailable(f"real Whisper {name} could not be fetched: {err}")
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,11 @@ A transformers copy of Whisper base for --transcribe is made with the project's 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import unicodedata
@@ -41,14 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SAMPLE_RATE = 16_000
 LANGUAGE = "German"
-# Stored sample resolution, as in examples/demo/: clips are written as 16-bit FLAC, but the samples
-# are rounded to BITS significant bits after peak-normalising to PEAK; FLAC drops the unused low
-# bits, which keeps the whole set well under 1 MB.  The stored base transcripts below were made on
-# the 7-bit clips that are shipped.
-BITS = 7
-PEAK = 0.9
-PAD_S = 0.10  # silence kept before the first and after the last sample above SILENCE
-SILENCE = 1e-3
+# Clips are synthesised and stored exactly as in examples/demo/ (its make_demo.synthesize: espeak-ng,
+# 16 kHz, peak-normalised, 7 significant bits in 16-bit FLAC, well under 1 MB for the set). The stored
+# base transcripts below were made on the clips that are shipped.
 
 # (voice, words per minute); clip i uses STYLES[i % len(STYLES)], counting on from train into test.
 # espeak-ng's German voice with some of its variants (espeak-ng --voices=variant).  Variants on
@@ -359,29 +354,13 @@ def check_table() -> None:
             assert normalize(rejected_for(e)) != normalize(e["text"]), where
 
 
-def synthesize(text: str, voice: str, wpm: int, out_path: Path, tmp: Path) -> float:
-    import numpy as np
-    import soundfile as sf
-    import soxr
-
-    wav = tmp / "clip.wav"
-    subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(wav), text],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    audio, sr = sf.read(str(wav), dtype="float64", always_2d=True)
-    audio = audio.mean(axis=1)
-    audio = soxr.resample(audio, sr, SAMPLE_RATE, quality="VHQ")
-    loud = np.flatnonzero(np.abs(audio) > SILENCE)
-    pad = int(PAD_S * SAMPLE_RATE)
-    audio = audio[max(0, loud[0] - pad) : loud[-1] + 1 + pad]
-    audio = audio / np.abs(audio).max() * PEAK
-    step = 2 ** (16 - BITS)
-    pcm = (np.round(audio * 32767 / step) * step).clip(-32768, 32767).astype(np.int16)
-    sf.write(str(out_path), pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16", compression_level=1.0)
-    return len(pcm) / SAMPLE_RATE
+def english_demo():
+    """examples/demo/make_demo.py, whose clip synthesis this set shares (loaded by path: both scripts are
+    named make_demo)."""
+    spec = importlib.util.spec_from_file_location("english_make_demo", HERE.parent / "demo" / "make_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build() -> None:
@@ -392,6 +371,7 @@ def build() -> None:
     if audio_dir.exists():
         shutil.rmtree(audio_dir)
     audio_dir.mkdir()
+    synthesize = english_demo().synthesize
     k = 0
     with tempfile.TemporaryDirectory() as tmp:
         for split, entries in SPLITS.items():

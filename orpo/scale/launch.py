@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 import torch
 
@@ -128,8 +129,6 @@ def unwrap_model(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
     importing DeepSpeed prints "Setting accelerator to ..." and takes seconds. A DeepSpeed engine exists only
     once DeepSpeed is imported, so Accelerate's unwrap is used only then.
     """
-    import sys
-
     if "deepspeed" in sys.modules:
         if accelerator is not None:
             return accelerator.unwrap_model(model)
