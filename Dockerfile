@@ -40,7 +40,7 @@ RUN mkdir -p orpo && touch orpo/__init__.py \
 # The code itself (the editable install above points at this folder).
 COPY . .
 ENV PATH=/workspace/whisper-orpo/.venv/bin:${PATH}
-RUN python -c "import orpo.trainer, deepspeed, bitsandbytes" \
+RUN python -c "import orpo.train.loop, deepspeed, bitsandbytes" \
     && accelerate launch --help > /dev/null
 
 ENTRYPOINT ["accelerate", "launch"]

@@ -101,7 +101,7 @@ class TrainConfig(Config):
     min_audio_len: float = _key(0.5, "Drop clips shorter than this many seconds (counted in the log).")
     max_audio_len: float = _key(30.0, "Drop clips longer than this many seconds (Whisper sees at most 30 s).")
     augment_config_path: Optional[str] = _key(
-        None, "JSON/YAML file describing audio augmentation of the training data (see README, Augmentation)."
+        None, "JSON/YAML file describing audio augmentation of the training data (see docs/data.md, Augmentation)."
     )
     num_workers: int = _key(0, "DataLoader worker processes.")
 
