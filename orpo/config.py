@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,63 @@ from orpo.errors import ConfigError
 
 DEFAULT = "default"
 COMMAND_LINE = "command line"
+WHISPER_WINDOW_S = 30.0  # Whisper's encoder sees 30 s; longer clips would be cut with their whole transcript kept
 
 
-def _key(default, help: str, choices=None, required: bool = False, positional: bool = False):
-    """A config field with its help text (allowed values, whether it must be given) kept beside it."""
-    metadata = {"help": help, "required": required, "positional": positional}
+def language_code(language: str) -> str:
+    """'Chinese', 'chinese' or 'zh' -> 'zh'; the one check of a language name, for recipes and manifests."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    key = language.strip().lower()
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    raise ValueError(f"unknown language {language!r}; use a Whisper language name or code such as 'English' or 'en'")
+
+
+def looks_local(path: str) -> bool:
+    """Whether a model name is meant as a folder here rather than a hub id ("openai/whisper-small"): it exists,
+    starts like a path, has more than one "/", or its first folder exists here."""
+    p = Path(path).expanduser()
+    starts_like_path = path.startswith(("/", "./", "../", "~", "\\")) or path.count("/") > 1 or "\\" in path
+    return p.exists() or starts_like_path or (len(p.parts) > 1 and Path(p.parts[0]).is_dir())
+
+
+def check_model_path(name: str, value: str) -> None:
+    """A local-looking model folder that does not exist is named when the command line is read, not after minutes
+    of hub retries."""
+    if not looks_local(value) or Path(value).expanduser().is_dir():
+        return
+    folder = Path(value).name
+    short = folder.removeprefix("whisper-") if folder.startswith("whisper-") else "NAME"
+    raise ConfigError(
+        f"model folder {value} does not exist: give a trained run's output_dir or a model folder, or make one "
+        f"with `whisper-orpo fetch-model {short} {value}`",
+        key=name,
+    )
+
+
+def origin_text(source: str, key: str) -> str:
+    """Where a value came from, as a message names it: "command line (--key)", "recipe PATH", "recipe defaults"."""
+    if source == COMMAND_LINE:
+        return f"{COMMAND_LINE} (--{key})"
+    return "recipe defaults" if source == DEFAULT else f"recipe {source}"
+
+
+def check_max_audio_len(seconds: float) -> None:
+    if seconds > WHISPER_WINDOW_S:
+        raise ConfigError(
+            f"max_audio_len must be at most 30 (Whisper's window is 30 s; a longer clip would be cut while its "
+            f"whole transcript is kept), got {seconds}",
+            key="max_audio_len",
+        )
+
+
+def _key(default, help: str, choices=None, required: bool = False, positional: bool = False, model: bool = False):
+    """A config field with its help text (allowed values, whether it must be given, whether it names a model
+    folder or hub id) kept beside it."""
+    metadata = {"help": help, "required": required, "positional": positional, "model": model}
     if choices is not None:
         metadata["choices"] = choices
     if isinstance(default, list):
@@ -48,6 +101,11 @@ class Config:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}", key=f.name)
+        if getattr(self, "language", None):
+            try:
+                language_code(self.language)
+            except ValueError as err:
+                raise ConfigError(str(err), key="language") from None
 
     def check(self) -> None:
         """Range checks that a type alone cannot express (none by default)."""
@@ -58,10 +116,7 @@ class Config:
 
     def origin(self, key: str) -> str:
         """``source`` as a message names it: "command line (--key)", "recipe PATH" or "recipe defaults"."""
-        where = self.source(key)
-        if where == COMMAND_LINE:
-            return f"command line (--{key})"
-        return "recipe defaults" if where == DEFAULT else f"recipe {where}"
+        return origin_text(self.source(key), key)
 
 
 @dataclass
@@ -69,7 +124,9 @@ class TrainConfig(Config):
     """The recipe of a training run (``python train.py --config RECIPE``)."""
 
     # Model and language
-    base_model: str = _key("openai/whisper-small", "Hub id or local directory of the Whisper model to tune.")
+    base_model: str = _key(
+        "openai/whisper-small", "Hub id or local directory of the Whisper model to tune.", model=True
+    )
     language: Optional[str] = _key(
         None,
         "Default language, as a name ('Chinese') or code ('zh'); a sample's own 'language' field wins. "
@@ -233,6 +290,7 @@ class TrainConfig(Config):
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", key=name)
+        check_max_audio_len(self.max_audio_len)
         if self.max_audio_len <= self.min_audio_len:
             raise ConfigError(
                 f"max_audio_len ({self.max_audio_len}) must be above min_audio_len ({self.min_audio_len})",
@@ -285,6 +343,7 @@ class EvaluateConfig(Config):
         "A model directory (Hugging Face format), a PEFT adapter directory "
         "(adapter_config.json) or a training checkpoint directory.",
         required=True,
+        model=True,
     )
     data: Optional[str] = _key(
         None,
@@ -298,6 +357,7 @@ class EvaluateConfig(Config):
         None,
         "Base model of an adapter or checkpoint directory; if unset, the adapter's "
         "own record, else the run's config.yaml.",
+        model=True,
     )
     language: Optional[str] = _key(
         None,
@@ -326,13 +386,14 @@ class EvaluateConfig(Config):
         for name, least in (("num_beams", 1), ("batch_size", 1), ("max_length", 2)):
             if getattr(self, name) < least:
                 raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}", key=name)
+        check_max_audio_len(self.max_audio_len)
 
 
 @dataclass
 class MakePairsConfig(Config):
     """``whisper-orpo make-pairs``: preference pairs from a plain ASR manifest and a model's n-best lists."""
 
-    model: Optional[str] = _key(None, "Whisper model directory or hub id (the base model).", required=True)
+    model: Optional[str] = _key(None, "Whisper model directory or hub id (the base model).", required=True, model=True)
     data: Optional[str] = _key(None, "ASR manifest with 'text' (or 'sentence') per clip.", required=True)
     out: Optional[str] = _key(None, "Output preference manifest (JSON Lines); rerun to resume.", required=True)
     num_beams: int = _key(5, "Beam size = length of the n-best list.")
@@ -370,6 +431,7 @@ class ExportConfig(Config):
         None,
         "Base model of an adapter or state-dict checkpoint; if unset, the run's config.yaml or the adapter's own "
         "record.",
+        model=True,
     )
     ct2: Optional[str] = _key(
         None, "Also write a CTranslate2 model with this quantization (needs ctranslate2).", choices=CT2_QUANTIZATIONS
@@ -463,14 +525,16 @@ def _coerce_scalar(tp, value, fail):
             raise fail(expected)
         if tp is int and isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, int) or (tp is float and isinstance(value, float)):
-            return tp(value)
         if isinstance(value, str):
             try:
-                return tp(value)  # PyYAML reads "1e-5" as a string
+                value = tp(value)  # PyYAML reads "1e-5" as a string
             except ValueError:
                 raise fail(expected) from None
-        raise fail(expected)
+        if not (isinstance(value, int) or (tp is float and isinstance(value, float))):
+            raise fail(expected)
+        if not math.isfinite(value):
+            raise fail("a finite number (not NaN or infinity)")
+        return tp(value)
     if tp is str:
         if isinstance(value, bool):
             raise fail("a string (YAML reads yes/no/on/off/true/false as booleans: quote the value)")
@@ -602,9 +666,16 @@ def parse_args(argv: list[str] | None = None, cls: type = TrainConfig, prog: str
     try:
         cfg = cls(**values)
     except ConfigError as err:
-        origin = sources.get(err.key, DEFAULT) if err.key else None
-        raise ConfigError(f"{origin}: {err}" if origin else str(err)) from None
+        if not err.key:
+            raise
+        raise ConfigError(f"{origin_text(sources.get(err.key, DEFAULT), err.key)}: {err}", key=err.key) from None
     cfg._sources = sources
+    for f in config_fields(cls):
+        if f.metadata.get("model") and getattr(cfg, f.name):
+            try:
+                check_model_path(f.name, getattr(cfg, f.name))
+            except ConfigError as err:
+                raise ConfigError(f"{cfg.origin(f.name)}: {err}", key=f.name) from None
     return cfg
 
 

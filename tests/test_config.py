@@ -321,11 +321,13 @@ def test_recipes_are_shipped():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.relative_to(ROOT).as_posix() for p in RECIPES])
-def test_shipped_recipe_is_valid(recipe):
+def test_shipped_recipe_is_valid(recipe, tmp_path, monkeypatch):
     values = read_recipe(recipe)
     cfg = TrainConfig(**values)
     for key, value in values.items():
         assert getattr(cfg, key) == value
+    monkeypatch.chdir(tmp_path)  # the recipe's model folder, as `whisper-orpo fetch-model` would leave it
+    (tmp_path / cfg.base_model).mkdir(parents=True)
     assert parse_args(["--config", str(recipe)]) == cfg
 
 
@@ -394,7 +396,9 @@ def test_range_and_choice_errors_name_where_the_value_came_from(tmp_path):
     recipe = write_recipe(tmp_path, "seed: 1\npeft: qlora\n")
     with pytest.raises(ConfigError, match=re.escape(f"{recipe}: peft must be one of")):
         parse_args(["--config", str(recipe)])
-    with pytest.raises(ConfigError, match="^command line: per_device_train_batch_size must be >= 1"):
+    with pytest.raises(
+        ConfigError, match="^command line \\(--per_device_train_batch_size\\): per_device_train_batch_size must be >= 1"
+    ):
         parse_args(["--config", str(recipe), "--peft", "lora", "--per_device_train_batch_size", "0"])
 
 

@@ -25,7 +25,7 @@ PAGES = [README, *DOCS]
 README_MAX_LINES = 250
 
 # What a new user needs first, in this order; the reference material lives in docs/.
-README_SECTIONS = ["Requirements", "Quick start", "Your own data", "Commands", "Documentation"]
+README_SECTIONS = ["Requirements", "Quick start", "Your own data", "Commands", "Errors and recovery", "Documentation"]
 QUICK_START = [
     "bash scripts/setup.sh && . .venv/bin/activate",
     "python train.py --config recipes/demo.yaml",

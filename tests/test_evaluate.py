@@ -341,6 +341,7 @@ def test_command_on_a_peft_adapter_dir(tiny_model_dir, tmp_path):
 def test_command_rejects_a_bad_manifest_before_loading(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"audio": {"path": "missing.wav"}, "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "no-model").mkdir()  # a folder holding no model: loading it would fail
     assert main(["--model", str(tmp_path / "no-model"), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"error: {bad}:1: field 'audio.path'" in err and "missing.wav" in err

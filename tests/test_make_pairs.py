@@ -343,7 +343,7 @@ def test_nbest_decoder_and_command_line_on_a_tiny_random_model(tmp_path, tiny_mo
     assert main(argv) == 0  # rerun: everything is done already
     assert "decoded now: 0, resumed: 3" in capsys.readouterr().out
     assert main(argv[:-4] + ["--num_rejected", "9"]) == 2  # more rejected than beams: a clear error
-    assert "command line: num_beams (3) must be at least num_rejected (9)" in capsys.readouterr().err
+    assert "command line (--num_beams): num_beams (3) must be at least num_rejected (9)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

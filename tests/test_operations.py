@@ -40,7 +40,8 @@ def test_quantisation_settings_are_checked():
         TrainConfig(peft="lora", load_in_8bit=True, load_in_4bit=True)
     with pytest.raises(
         ConfigError,
-        match="^command line: load_in_4bit trains adapters on frozen quantised weights: set peft to lora or adalora$",
+        match="^command line \\(--load_in_4bit\\): load_in_4bit trains adapters on frozen quantised weights: "
+        "set peft to lora or adalora$",
     ):
         parse_args(["--load_in_4bit", "true"])
     four = quantization_config(TrainConfig(peft="lora", load_in_4bit=True, mixed_precision="bf16"))
@@ -52,12 +53,14 @@ def test_quantisation_settings_are_checked():
 
 def test_unknown_tracker_is_a_config_error(tmp_path):
     with pytest.raises(
-        ConfigError, match="^command line: report_to: unknown tracker 'tensorbord'; .* Did you mean 'tensorboard'\\?$"
+        ConfigError,
+        match="^command line \\(--report_to\\): report_to: unknown tracker 'tensorbord'; "
+        ".* Did you mean 'tensorboard'\\?$",
     ):
         parse_args(["--report_to", "tensorboard,tensorbord"])
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("seed: 1\nreport_to: [mlfow]\n")
-    with pytest.raises(ConfigError, match=f"^{recipe}: report_to: unknown tracker 'mlfow'"):
+    with pytest.raises(ConfigError, match=f"^recipe {recipe}: report_to: unknown tracker 'mlfow'"):
         parse_args(["--config", str(recipe)])
     assert parse_args(["--report_to", "none"]).report_to == []
     assert parse_args(["--report_to", "tensorboard,wandb,mlflow"]).report_to == ["tensorboard", "wandb", "mlflow"]

@@ -13,11 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from orpo.config import language_code
 from orpo.data.audio import SAMPLE_RATE, load_sample_audio
 from orpo.data.augment import Augmenter
 from orpo.data.hf import read_hf_dataset
 from orpo.data.manifest import is_manifest, read_manifest
-from orpo.data.schema import PreferenceSample, Segment, language_code
+from orpo.data.schema import PreferenceSample, Segment
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ConfigError, ManifestError
 
@@ -158,7 +159,8 @@ def build_dataset(cfg, which: str, feature_extractor, tokens: WhisperTokens) -> 
     spec = cfg.train_data if which == "train" else cfg.test_data
     if not spec:
         raise ConfigError(
-            f"{which}_data is not set: give a manifest or dataset in the recipe or with --{which}_data",
+            f"{cfg.origin(which + '_data')}: {which}_data is not set: give a manifest or dataset in the recipe "
+            f"or with --{which}_data",
             key=f"{which}_data",
         )
     split = cfg.train_split if which == "train" else cfg.test_split

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
+from orpo.config import language_code
 from orpo.errors import ManifestError
 
 TIMESTAMP_STEP = 0.02  # seconds between Whisper timestamp tokens: <|0.00|>, <|0.02|>, ... <|30.00|>
@@ -66,16 +66,6 @@ class AsrSample:
     source: str  # "file:line"
     line: int
     record: dict  # the parsed JSON object, so that other fields can be carried over
-
-
-def language_code(language: str) -> str:
-    """'Chinese', 'chinese' or 'zh' -> 'zh'."""
-    key = language.strip().lower()
-    if key in LANGUAGES:
-        return key
-    if key in TO_LANGUAGE_CODE:
-        return TO_LANGUAGE_CODE[key]
-    raise ValueError(f"unknown language {language!r}; use a Whisper language name or code such as 'English' or 'en'")
 
 
 def text_field(record: dict, key: str, where: str, kind: str = "field") -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from orpo.data.schema import MAX_TIMESTAMP, TIMESTAMP_STEP, Segment, language_code
+from orpo.config import language_code
+from orpo.data.schema import MAX_TIMESTAMP, TIMESTAMP_STEP, Segment
 
 
 def is_multilingual(model_config) -> bool:

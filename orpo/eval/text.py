@@ -9,7 +9,7 @@ total reference words (characters).
 
 from __future__ import annotations
 
-from orpo.data.schema import language_code
+from orpo.config import language_code
 from orpo.data.spelling import english_spelling_mapping
 
 # Whisper language codes of languages written without spaces between words: scored by CER.

@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging
 from orpo.config import MakePairsConfig
 from orpo.data.audio import SAMPLE_RATE, load_audio
 from orpo.data.manifest import read_asr_manifest
-from orpo.data.schema import AsrSample, language_code
+from orpo.data.schema import AsrSample
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ConfigError, ManifestError
 from orpo.eval.generate import generate, generation_config
@@ -361,11 +361,6 @@ def make_pairs(
 def make_pairs_from_config(cfg: MakePairsConfig) -> None:
     """The command: check the manifest, load the model, make the pairs, print the summary."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if cfg.language is not None:
-        try:
-            language_code(cfg.language)
-        except ValueError as err:
-            raise ConfigError(f"language: {err}") from None
     samples = read_asr_manifest(cfg.data)  # a bad line stops here, before the model loads
     hf_logging.set_verbosity_error()
     processor = load_processor(cfg.model)
