@@ -1,5 +1,7 @@
 """Every bad input a user can give, one row each in ``tests/bad_inputs.yaml``: the command must stop with the
-row's exit code and an error holding the row's words, before any weights load.
+row's exit code and an error holding the row's words; a ``train`` row must stop before any weights load (loading
+them fails the row). ``evaluate`` and ``make-pairs`` read and check their manifest before the model loads, but
+the checks that need the model's tokenizer (token lengths, a pair that reads the same) come after it.
 
 A row (all keys but ``id``, ``exit`` and ``error`` optional):
 

@@ -18,6 +18,7 @@ from orpo.data.audio import SAMPLE_RATE, load_sample_audio
 from orpo.data.augment import Augmenter
 from orpo.data.hf import read_hf_dataset
 from orpo.data.manifest import is_manifest, read_manifest
+from orpo.data.normalize import TextNormalizer
 from orpo.data.schema import PreferenceSample, Segment
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ConfigError, ManifestError
@@ -35,6 +36,19 @@ class EncodedSample:
     def language_code(self) -> str:
         """The clip's language code for scoring ('en' when neither the clip nor the model names one)."""
         return language_code(self.language) if self.language else "en"
+
+
+def check_pair_differs(sample: PreferenceSample, normalizer: TextNormalizer, language: str | None) -> None:
+    """A rejected transcript that reads as the chosen one (exactly, or after the evaluation normaliser) carries no
+    preference: an error naming the line, never trained on silently."""
+    chosen = normalizer(sample.chosen, language)
+    for k, rejected in enumerate(sample.rejected):
+        if normalizer(rejected, language) == chosen:
+            name = f"rejected[{k}]" if len(sample.rejected) > 1 else "rejected"
+            raise ManifestError(
+                f"{sample.source}: field '{name}' reads the same as 'chosen' after Whisper's text normaliser "
+                f"({chosen!r}): the pair carries no preference; give a rejected transcript that differs, or drop it"
+            )
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -66,8 +80,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not kept:
             raise ManifestError(f"no clip is within [{min_len}, {max_len}] s; check min_audio_len/max_audio_len")
         self.items = []
+        normalizer = TextNormalizer()
         for sample in kept:
             language = sample.language or (default_language if tokens.multilingual else None)
+            check_pair_differs(sample, normalizer, language)
             segments = []
             for field_name, transcript in self._transcripts(sample, tokens.timestamps):
                 try:

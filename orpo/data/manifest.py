@@ -20,36 +20,107 @@ MANIFEST_SUFFIXES = (".json", ".jsonl")
 ASR_TEXT_KEYS = ("text", "sentence")
 
 
-def _manifest_records(path: Path) -> list[tuple[int, object]]:
-    """(line number, parsed JSON value) for each record of a JSON Lines file or a JSON array."""
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        decoder = json.JSONDecoder()
-        records, pos = [], text.index("[") + 1
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook``: a key given twice in one object is an error, not "the last one wins"."""
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
+
+
+def _manifest_text(path: Path) -> str:
+    """The file as text; anything but UTF-8 is an error naming the line and byte where it stops being UTF-8."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError(f"{path}: the manifest is UTF-16; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ManifestError(
+            f"{path}:{line}: not UTF-8 (byte offset {err.start}, byte {data[err.start]:#04x}); save the manifest "
+            "as UTF-8"
+        ) from None
+
+
+def _decode(text: str, pos: int, where: str) -> tuple[object, int]:
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except _DuplicateKey as err:
+        raise ManifestError(f"{where}: key '{err.key}' is given twice in one record") from None
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+def _position(text: str, pos: int) -> str:
+    line = text.count("\n", 0, pos) + 1
+    return f"{line}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _array_records(path: Path, text: str) -> list[tuple[int, object]]:
+    """A JSON array as strict JSON (commas between records, none after the last), and nothing after its ']'."""
+    records, pos = [], _skip_space(text, text.index("[") + 1)
+    if pos < len(text) and text[pos] == "]":
+        pos += 1
+    else:
         while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
+            line = text.count("\n", 0, pos) + 1
+            value, pos = _decode(text, pos, f"{path}:{line}")
+            records.append((line, value))
+            pos = _skip_space(text, pos)
             if pos >= len(text):
                 raise ManifestError(f"{path}: the JSON array is not closed with ']'")
             if text[pos] == "]":
-                return records
-            line = text.count("\n", 0, pos) + 1
-            try:
-                value, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}:{line}: not valid JSON ({err.msg})") from None
-            records.append((line, value))
+                pos += 1
+                break
+            if text[pos] != ",":
+                raise ManifestError(f"{path}:{_position(text, pos)}: expected ',' or ']' after a record")
+            pos = _skip_space(text, pos + 1)
+            if pos >= len(text):
+                raise ManifestError(f"{path}: the JSON array is not closed with ']'")
+            if text[pos] == "]":
+                raise ManifestError(f"{path}:{_position(text, pos)}: a comma after the last record (strict JSON)")
+    pos = _skip_space(text, pos)
+    if pos < len(text):
+        raise ManifestError(
+            f"{path}:{_position(text, pos)}: text after the end of the JSON array; a manifest is one JSON array, "
+            "or one JSON object per line"
+        )
+    return records
+
+
+def _manifest_records(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed JSON value) for each record of a JSON Lines file or a JSON array; the whole file
+    is read, and anything that is not part of the records is an error with its position."""
+    text = _manifest_text(path)
+    if text.lstrip().startswith("["):
+        return _array_records(path, text)
     records = []
     # split on "\n" only: str.splitlines would also break at U+2028 and friends, legal inside JSON strings
     for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            records.append((line, json.loads(raw)))
-        except json.JSONDecodeError as err:
-            raise ManifestError(
-                f"{path}:{line}: not valid JSON ({err.msg}); each line must be one JSON object"
-            ) from None
+        value, end = _decode(raw, _skip_space(raw, 0), f"{path}:{line}")
+        if raw[end:].strip():
+            raise ManifestError(f"{path}:{line}:{end + 1}: text after the record; each line must be one JSON object")
+        records.append((line, value))
     return records
 
 

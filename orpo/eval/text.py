@@ -10,33 +10,12 @@ total reference words (characters).
 from __future__ import annotations
 
 from orpo.config import language_code
-from orpo.data.spelling import english_spelling_mapping
-
-# Whisper language codes of languages written without spaces between words: scored by CER.
-# (Chinese, Japanese, Korean, Thai, Lao, Burmese, Khmer, Cantonese, Tibetan.)
-CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "lo", "my", "km", "yue", "bo"})
+from orpo.data.normalize import CER_LANGUAGES, TextNormalizer
 
 
 def uses_cer(language: str | None) -> bool:
     """True for languages written without spaces between words (scored by character error rate)."""
     return language is not None and language_code(language) in CER_LANGUAGES
-
-
-class TextNormalizer:
-    """Whisper's normalisers by language: English for 'en' (and no language), basic for the rest."""
-
-    def __init__(self, english_spelling: dict[str, str] | None = None):
-        from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
-
-        self.english = EnglishTextNormalizer(english_spelling or english_spelling_mapping())
-        self.basic = BasicTextNormalizer()
-
-    def __call__(self, text: str, language: str | None) -> str:
-        code = language_code(language) if language else "en"
-        normalized = self.english(text) if code == "en" else self.basic(text)
-        if code in CER_LANGUAGES:
-            return "".join(normalized.split())
-        return " ".join(normalized.split())
 
 
 def wer_metrics(
