@@ -665,17 +665,14 @@ def parse_args(argv: list[str] | None = None, cls: type = TrainConfig, prog: str
         )
     try:
         cfg = cls(**values)
+        for f in config_fields(cls):
+            if f.metadata.get("model") and getattr(cfg, f.name):
+                check_model_path(f.name, getattr(cfg, f.name))
     except ConfigError as err:
         if not err.key:
             raise
         raise ConfigError(f"{origin_text(sources.get(err.key, DEFAULT), err.key)}: {err}", key=err.key) from None
     cfg._sources = sources
-    for f in config_fields(cls):
-        if f.metadata.get("model") and getattr(cfg, f.name):
-            try:
-                check_model_path(f.name, getattr(cfg, f.name))
-            except ConfigError as err:
-                raise ConfigError(f"{cfg.origin(f.name)}: {err}", key=f.name) from None
     return cfg
 
 

@@ -63,9 +63,14 @@ def _decode(text: str, pos: int, where: str) -> tuple[object, int]:
         raise ManifestError(f"{where}: not valid JSON ({err.msg})") from None
 
 
+def _line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
 def _position(text: str, pos: int) -> str:
-    line = text.count("\n", 0, pos) + 1
-    return f"{line}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
+    """line:column of ``pos``, both from 1."""
+    column = pos - text.rfind("\n", 0, pos)
+    return f"{_line(text, pos)}:{column}"
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -81,7 +86,7 @@ def _array_records(path: Path, text: str) -> list[tuple[int, object]]:
         pos += 1
     else:
         while True:
-            line = text.count("\n", 0, pos) + 1
+            line = _line(text, pos)
             value, pos = _decode(text, pos, f"{path}:{line}")
             records.append((line, value))
             pos = _skip_space(text, pos)
