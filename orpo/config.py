@@ -27,6 +27,7 @@ from orpo.errors import ConfigError
 
 DEFAULT = "default"
 COMMAND_LINE = "command line"
+DURATION_TOLERANCE = 0.1  # seconds a manifest's 'duration' may differ from the decoded audio
 WHISPER_WINDOW_S = 30.0  # Whisper's encoder sees 30 s; longer clips would be cut with their whole transcript kept
 
 
@@ -155,8 +156,13 @@ class TrainConfig(Config):
     language_column: Optional[str] = _key(
         None, "Dataset column with each row's language (None: the 'language' column when there is one)."
     )
-    min_audio_len: float = _key(0.5, "Drop clips shorter than this many seconds (counted in the log).")
+    min_audio_len: float = _key(0.5, "Drop clips shorter than this many seconds (each named by file:line in the log).")
     max_audio_len: float = _key(30.0, "Drop clips longer than this many seconds (Whisper sees at most 30 s).")
+    duration_tolerance: float = _key(
+        DURATION_TOLERANCE,
+        "Seconds a manifest record's 'duration' may differ from its decoded audio before the line is an error "
+        "(a truncated file).",
+    )
     augment_config_path: Optional[str] = _key(
         None, "JSON/YAML file describing audio augmentation of the training data (see docs/data.md, Augmentation)."
     )
@@ -172,6 +178,11 @@ class TrainConfig(Config):
 
     # Optimisation
     output_dir: str = _key("outputs/whisper-orpo", "Where checkpoints, logs and the final model go.")
+    overwrite_output_dir: bool = _key(
+        False,
+        "Start a fresh run in an output_dir that holds an earlier one: its files move to output_dir/replaced/<time>/ "
+        "first (nothing is deleted). Without it such a run stops, naming what it found.",
+    )
     learning_rate: float = _key(1e-5, "Peak learning rate of AdamW.")
     lr_scheduler_type: str = _key(
         "linear",
@@ -283,6 +294,7 @@ class TrainConfig(Config):
             "save_steps",
             "num_workers",
             "min_audio_len",
+            "duration_tolerance",
             "lora_dropout",
             "save_total_limit",
             "compare_num_beams",
@@ -376,6 +388,11 @@ class EvaluateConfig(Config):
         None, "ORPO alpha of the preference metrics; if unset, the run's config.yaml, else 0.1 (as in training)."
     )
     max_audio_len: float = _key(30.0, "Leave out clips longer than this many seconds.")
+    duration_tolerance: float = _key(
+        DURATION_TOLERANCE,
+        "Seconds a manifest record's 'duration' may differ from its decoded audio before the line is an error "
+        "(a truncated file).",
+    )
     out: Optional[str] = _key(
         None,
         "JSON file for the metrics and per-clip transcripts; if unset, eval_DATA.json in the model's folder "
@@ -383,7 +400,7 @@ class EvaluateConfig(Config):
     )
 
     def check(self) -> None:
-        for name, least in (("num_beams", 1), ("batch_size", 1), ("max_length", 2)):
+        for name, least in (("num_beams", 1), ("batch_size", 1), ("max_length", 2), ("duration_tolerance", 0)):
             if getattr(self, name) < least:
                 raise ConfigError(f"{name} must be >= {least}, got {getattr(self, name)}", key=name)
         check_max_audio_len(self.max_audio_len)
@@ -403,11 +420,20 @@ class MakePairsConfig(Config):
     task: str = _key("transcribe", "Whisper task token.", choices=("transcribe", "translate"))
     max_new_tokens: Optional[int] = _key(None, "Longest hypothesis in tokens; if unset, as long as the decoder allows.")
     device: Optional[str] = _key(None, "Torch device; if unset, cuda if available, else cpu.")
+    duration_tolerance: float = _key(
+        DURATION_TOLERANCE,
+        "Seconds a manifest record's 'duration' may differ from its decoded audio before the line is an error "
+        "(a truncated file).",
+    )
 
     def check(self) -> None:
         for name in ("num_beams", "num_rejected", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        if self.duration_tolerance < 0:
+            raise ConfigError(
+                f"duration_tolerance must be >= 0, got {self.duration_tolerance}", key="duration_tolerance"
+            )
         if self.num_beams < self.num_rejected:
             raise ConfigError(
                 f"num_beams ({self.num_beams}) must be at least num_rejected ({self.num_rejected}): "

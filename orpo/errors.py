@@ -1,6 +1,6 @@
 """Every error a user can cause, and the one place that turns an error into an exit code.
 
-A user error (a bad recipe, manifest, checkpoint or export folder) is a :class:`UserError`: the
+A user error (a bad recipe, manifest, checkpoint or export folder, a full disk) is a :class:`UserError`: the
 command prints ``error: <message>`` and exits with status 2, before any weights load where it can.
 A run that started but cannot go on (:class:`NonFiniteLossError`) exits with status 1.
 """
@@ -35,8 +35,20 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from (missing, incomplete, or written with other settings)."""
 
 
+class OutputDirError(ConfigError):
+    """An output_dir a run may not write into: a file, read-only, in use by another run, or holding an earlier
+    run that this one would replace."""
+
+    def __init__(self, message: str):
+        super().__init__(message, key="output_dir")
+
+
 class ExportError(UserError):
     """A directory that cannot be turned into a model, with what to do about it."""
+
+
+class DiskFullError(UserError):
+    """A save that ran out of disk space (ENOSPC, EDQUOT): what it needed, what was free, what was cleaned up."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,16 +1,78 @@
 """Atomic writes: every file or folder a run leaves is written beside its place, flushed, then renamed in.
 
 A reader (or a crash) sees the old version or the new one, never half of a file. Checkpoints, the final
-model's files, exports, evaluation results and plots all go through here.
+model's files, exports, evaluation results and plots all go through here. A write that fills its disk is a
+:class:`~orpo.errors.DiskFullError` saying what it needed and what was free, its half-written files removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from orpo.errors import DiskFullError, UserError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# safetensors keeps only the operating system's message of the error (its own error type has no errno)
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
+FULL_BELOW = 1 << 20  # a filesystem with fewer bytes free than this is full
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the filesystem of ``path``, or of its nearest folder that exists."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(err: BaseException, folder: str | Path) -> bool:
+    """Whether ``err``, raised while writing into ``folder``, means that its filesystem is full.
+
+    The errno is anywhere in the error's chain, or only in a message (safetensors). PyTorch's zip writer
+    (``torch.save``) loses it altogether ("unexpected pos ..."), so a RuntimeError with the filesystem full
+    right after it counts too.
+    """
+    seen, chain = set(), err
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(chain) for text in DISK_FULL_MESSAGES):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return isinstance(err, RuntimeError) and free_bytes(folder) < FULL_BELOW
+
+
+def format_bytes(count: int) -> str:
+    return f"{count:,} bytes ({count / 2**20:.1f} MiB)"
+
+
+@contextlib.contextmanager
+def disk_full_guard(
+    folder: str | Path, what: str, needed: Callable[[], tuple[int, str]], remove: Path | None = None
+) -> Iterator[None]:
+    """Writing ``what`` into ``folder``: a full disk becomes a DiskFullError with the bytes ``needed()`` gives
+    (the count, and how it was made: asked for only then), and any error removes the half-written ``remove``."""
+    try:
+        yield
+    except Exception as err:
+        full = isinstance(err, DiskFullError) or (not isinstance(err, UserError) and is_disk_full(err, folder))
+        count, basis = needed() if full else (0, "")
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
+        if not full:
+            raise
+        removed = f" The partly written {remove} was removed." if remove is not None else ""
+        raise DiskFullError(
+            f"no space left on the device of {folder}: {what} needs about {format_bytes(count)} ({basis}); "
+            f"{format_bytes(free_bytes(folder))} are free there.{removed} Free some space there, or write to a "
+            "larger disk, and run again."
+        ) from err
 
 
 def fsync_dir(folder: Path) -> None:
@@ -36,24 +98,35 @@ def fsync_tree(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; once the block has written it, flush it and rename it onto ``path``."""
+def staged_file(path: str | Path, size: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block has written it, flush it and rename it onto ``path``.
+
+    ``size``: the bytes the block writes, for the message when the disk fills (else what it wrote until then).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+
+    def needed() -> tuple[int, str]:
+        if size is not None:
+            return size, "the file's size"
+        return (tmp.stat().st_size if tmp.exists() else 0), "at least: what was written before the disk filled"
+
     try:
-        yield tmp
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with disk_full_guard(path.parent, path.name, needed):
+            yield tmp
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    with staged_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    with staged_file(path, size=len(data)) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -75,7 +148,12 @@ def publish_dir(staging: Path, final: Path, aside: Path | None = None) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-    os.replace(staging, final)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if old is not None:  # the folder that was there stays
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -305,17 +305,21 @@ def test_dataset_drops_clips_outside_length_range_and_logs_it(tmp_path, processo
     samples = read_manifest(write_lines(tmp_path / "m.jsonl", lines))
     caplog.set_level(logging.INFO, logger="orpo.data")
     ds = make_dataset(processor, samples, min_len=0.5, max_len=3.0)
-    assert len(ds) == 4 and ds.dropped == 3
+    manifest = tmp_path / "m.jsonl"
+    assert len(ds) == 4 and ds.dropped == [f"{manifest}:1", f"{manifest}:6", f"{manifest}:7"]
     assert [item.sample.audio_path.name for item in ds.items] == ["c1.wav", "c2.wav", "c3.wav", "c4.wav"]
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("orpo.data")]
-    assert any("dropped 3 of 7" in m for m in messages), messages
+    # issue 11, item 15: every dropped clip is named by file:line in the log, not only counted
+    summary = [m for m in messages if "dropped 3 of 7" in m]
+    assert summary and all(f"{manifest}:{line}" in summary[0] for line in (1, 6, 7)), messages
+    assert f"{manifest}:2" not in summary[0]
 
 
 def test_dataset_without_drops_logs_nothing(tmp_path, processor, caplog):
     samples = read_manifest(write_manifest(tmp_path, count=2))
     caplog.set_level(logging.INFO, logger="orpo.data")
     ds = make_dataset(processor, samples, min_len=0.5, max_len=30.0)
-    assert len(ds) == 2 and ds.dropped == 0
+    assert len(ds) == 2 and ds.dropped == []
     assert not [r for r in caplog.records if "dropped" in r.getMessage()]
 
 

@@ -325,26 +325,28 @@ def test_param_ndim_sees_through_a_zero3_placeholder():
 
 
 def test_deepspeed_checkpoint_files_are_checked(tmp_path):
+    import torch
+
     from orpo.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="pytorch_model/"):
-        check_checkpoint_files(tmp_path, 2, 1, scaler=False, deepspeed=True)
+        check_checkpoint_files(tmp_path, 2, ["scheduler"], scaler=False, deepspeed=True)
     engine = tmp_path / "pytorch_model"
     engine.mkdir()
     for name in (
         "zero_pp_rank_0_mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        "custom_checkpoint_0.pkl",
         "random_states_0.pkl",
         "random_states_1.pkl",
     ):
-        (engine / name if name.endswith(".pt") else tmp_path / name).write_bytes(b"x")
-    check_checkpoint_files(tmp_path, 2, 1, scaler=False, deepspeed=True)
-    with pytest.raises(CheckpointError, match="custom_checkpoint_1.pkl missing"):
-        check_checkpoint_files(tmp_path, 2, 2, scaler=False, deepspeed=True)
+        torch.save({}, engine / name if name.endswith(".pt") else tmp_path / name)
+    (tmp_path / "scheduler.json").write_text("{}")
+    check_checkpoint_files(tmp_path, 2, ["scheduler"], scaler=False, deepspeed=True)
+    with pytest.raises(CheckpointError, match="adalora_state.json missing"):
+        check_checkpoint_files(tmp_path, 2, ["scheduler", "adalora_state"], scaler=False, deepspeed=True)
     with pytest.raises(CheckpointError, match="optimizer shards of 2 processes; this run has 4"):
-        check_checkpoint_files(tmp_path, 4, 1, scaler=False, deepspeed=True)
+        check_checkpoint_files(tmp_path, 4, ["scheduler"], scaler=False, deepspeed=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,12 +25,14 @@ def write_asr(
     languages: list[str | None] | None = None,
     key: str = "text",
     name: str = "asr.jsonl",
+    seconds: list[float] | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, text in enumerate(texts):
-        write_clip(folder / f"clip{i}.wav", 1.0, seed=i)
-        record = {"audio": {"path": f"clip{i}.wav"}, "duration": 1.0, key: text, "speaker": f"s{i}"}
+        duration = seconds[i] if seconds else 1.0
+        write_clip(folder / f"clip{i}.wav", duration, seed=i)
+        record = {"audio": {"path": f"clip{i}.wav"}, "duration": duration, key: text, "speaker": f"s{i}"}
         if languages and languages[i]:
             record["language"] = languages[i]
         lines.append(json.dumps(record))
@@ -189,8 +191,7 @@ def test_multilingual_prefix_language_and_basic_normaliser(tmp_path, processor):
 
 
 def test_clips_longer_than_30_s_are_listed_not_decoded(tmp_path, processor):
-    asr = write_asr(tmp_path, ["short one", "long one"])
-    write_clip(tmp_path / "clip1.wav", 31.0, seed=1)
+    asr = write_asr(tmp_path, ["short one", "long one"], seconds=[1.0, 31.0])
     decoder = FakeDecoder({"clip0.wav": ["short won"]})
     out = tmp_path / "pairs.jsonl"
     summary = make_pairs(read_asr_manifest(asr), out, decoder, english_tokens(processor), progress=False)

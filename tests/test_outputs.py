@@ -22,8 +22,8 @@ from orpo.cli import export as export_cli
 from orpo.data.audio import SAMPLE_RATE, load_audio
 
 # Run in a fresh interpreter (this one may have imported DeepSpeed in other tests): a short training run, then
-# a rerun into the same output_dir with a checkpoint and evaluations, evaluate without --out, save_final_model
-# of a seeded model, and the DDP unwrap. Then whether DeepSpeed got imported.
+# a rerun into the same output_dir (overwrite_output_dir) with a checkpoint and evaluations, evaluate without
+# --out, save_final_model of a seeded model, and the DDP unwrap. Then whether DeepSpeed got imported.
 WORKER = r"""
 import json, os, sys
 from pathlib import Path
@@ -43,7 +43,7 @@ run = dict(base_model=model_dir, train_data=manifest, test_data=manifest, output
            max_steps=2, save_steps=1, eval_steps=1, logging_steps=1, per_device_train_batch_size=2,
            per_device_eval_batch_size=4, report_to=["tensorboard"], seed=0)
 train(TrainConfig(**{**run, "max_steps": 1, "save_steps": 0, "test_data": None}))  # a first, short run
-train(TrainConfig(**run))  # a rerun into the same output_dir
+train(TrainConfig(**run, overwrite_output_dir=True))  # a rerun into the same output_dir: the first run moves aside
 
 from orpo.cli.evaluate import main as evaluate
 assert evaluate(["--model", str(work / "run"), "--data", manifest, "--max_length", "6"]) == 0
@@ -132,15 +132,25 @@ def test_train_log_has_the_step_metrics_and_the_total_wall_time(worker):
     assert "step 1: log_odds_chosen=" in log and "loss=" in log and "step 2: " in log
     assert "step 1: eval/" in log  # the evaluation lines too
     assert log.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("total wall time: ")
-    assert log.count("step 1: log_odds_chosen=") == 1  # rewritten by the rerun, not appended
+    assert log.count("step 1: log_odds_chosen=") == 1  # the rerun's own log, not appended to the first one's
+
+
+def test_a_rerun_with_overwrite_keeps_the_earlier_run_aside(worker):
+    (replaced,) = (worker["work"] / "run" / "replaced").iterdir()
+    assert (replaced / "model.safetensors").is_file() and (replaced / "config.yaml").is_file()
+    first = (replaced / "train.log").read_text()
+    assert "step 1: log_odds_chosen=" in first and "step 2: " not in first  # the first run ran one step
+    assert "moved to" in (worker["work"] / "run" / "train.log").read_text()  # said, not silent
 
 
 def test_each_launch_is_a_tensorboard_run_of_its_own(worker):
-    runs = sorted(p for p in (worker["work"] / "run" / "whisper-orpo").iterdir() if p.is_dir())
-    assert len(runs) == 2, runs
-    for run in runs:
-        assert list(run.glob("events.out.tfevents.*")), run
-    assert not list((worker["work"] / "run" / "whisper-orpo").glob("events.out.tfevents.*"))
+    run_dir = worker["work"] / "run"
+    for folder in (run_dir / "whisper-orpo", *(run_dir / "replaced").glob("*/whisper-orpo")):
+        runs = sorted(p for p in folder.iterdir() if p.is_dir())
+        assert len(runs) == 1, runs
+        assert list(runs[0].glob("events.out.tfevents.*")), runs[0]
+        assert not list(folder.glob("events.out.tfevents.*"))
+    assert len(list((run_dir / "replaced").glob("*/whisper-orpo"))) == 1
 
 
 def test_evaluate_writes_into_the_model_folder_by_default(worker):

@@ -46,7 +46,12 @@ def evaluate_model(cfg: EvaluateConfig) -> None:
     run = run_config(model_dir)  # the run's resolved recipe, when DIR is (in) a training output_dir
     alpha = cfg.alpha if cfg.alpha is not None else float(run.get("alpha", 0.1))
     # A bad manifest stops here, before any weights load.
-    samples = load_samples(cfg.data, cfg.split, **{key: run[key] for key in DATASET_KEYS if key in run})
+    samples = load_samples(
+        cfg.data,
+        cfg.split,
+        **{key: run[key] for key in DATASET_KEYS if key in run},
+        duration_tolerance=cfg.duration_tolerance,
+    )
     whisper, processor, source = load_model(model_dir, cfg.base_model)
     whisper.to(accelerator.device).eval()
     # Scored as the run scored its eval set: its timestamps setting (then the data needs segments) and prompt loss.

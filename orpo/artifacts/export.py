@@ -19,8 +19,8 @@ from orpo.data.audio import SAMPLE_RATE, load_audio
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ExportError
 from orpo.eval.generate import generate, generation_config
-from orpo.files import fresh_staging_dir, publish_dir
-from orpo.model.load import write_whisper
+from orpo.files import disk_full_guard, fresh_staging_dir, publish_dir
+from orpo.model.load import weight_bytes, write_whisper
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,12 @@ def save_merged(whisper, processor, out: str | Path, overwrite: bool = False) ->
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    staging = fresh_staging_dir(out.with_name(out.name + ".export.tmp"))
-    write_whisper(whisper, processor, staging)
-    publish_dir(staging, out)
+    staging = out.with_name(out.name + ".export.tmp")
+    needed = (weight_bytes(whisper), "its weights; the tokenizer's files add a few MB")
+    with disk_full_guard(out.parent, f"the model {out.name}", lambda: needed, remove=staging):
+        fresh_staging_dir(staging)
+        write_whisper(whisper, processor, staging)
+        publish_dir(staging, out)
     return out
 
 

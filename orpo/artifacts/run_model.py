@@ -27,7 +27,7 @@ from orpo.config import TrainConfig
 from orpo.errors import CheckpointError, ExportError
 from orpo.model.peft import apply_peft
 from orpo.scale.zero3 import DEEPSPEED_TAG
-from orpo.train.checkpoint import read_trainer_state
+from orpo.train.checkpoint import engine_file_problems, read_trainer_state
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -122,6 +122,9 @@ def _read_deepspeed_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             f"{folder} is a DeepSpeed checkpoint; reading it needs the deepspeed package "
             "(pip install 'whisper-orpo[deepspeed]')"
         ) from None
+    problems = engine_file_problems(folder)  # DeepSpeed unpickles them with code execution: checked first
+    if problems:
+        raise ExportError(f"{folder} cannot be read: {'; '.join(problems)}")
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
     return {k: v.float() for k, v in state.items()}
 

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from orpo.config import language_code
+from orpo.config import DURATION_TOLERANCE, language_code
 from orpo.data.audio import SAMPLE_RATE, load_sample_audio
 from orpo.data.augment import Augmenter
 from orpo.data.hf import read_hf_dataset
@@ -74,9 +74,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.epoch = 0
         kept = [s for s in samples if min_len <= s.duration <= max_len]
-        dropped = len(samples) - len(kept)
-        if dropped:
-            logger.info("dropped %d of %d clips outside [%.2f, %.2f] s", dropped, len(samples), min_len, max_len)
+        self.dropped = [s.source for s in samples if not min_len <= s.duration <= max_len]  # "file:line" each
+        if self.dropped:
+            logger.info(
+                "dropped %d of %d clips outside [%.2f, %.2f] s: %s",
+                len(self.dropped),
+                len(samples),
+                min_len,
+                max_len,
+                ", ".join(self.dropped),
+            )
         if not kept:
             raise ManifestError(f"no clip is within [{min_len}, {max_len}] s; check min_audio_len/max_audio_len")
         self.items = []
@@ -97,7 +104,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     )
                 segments.append((ids, prefix_len))
             self.items.append(EncodedSample(sample, segments, language))
-        self.dropped = dropped
 
     @staticmethod
     def _transcripts(sample: PreferenceSample, timestamps: bool) -> list[tuple[str, str | list[Segment]]]:
@@ -143,13 +149,15 @@ def load_samples(
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
     language_column: str | None = None,
+    duration_tolerance: float = DURATION_TOLERANCE,
 ) -> list[PreferenceSample]:
     """Samples from a manifest, a dataset saved with ``save_to_disk`` (a directory), or a ``load_dataset`` name.
 
-    The keyword arguments are the recipe's dataset keys; ``split`` is the split to read from a dataset.
+    The keyword arguments are the recipe's dataset keys; ``split`` is the split to read from a dataset;
+    ``duration_tolerance`` applies to a manifest's ``duration`` fields.
     """
     if is_manifest(spec):
-        return read_manifest(spec)
+        return read_manifest(spec, duration_tolerance)
     return read_hf_dataset(
         spec,
         split=split,
@@ -183,7 +191,9 @@ def build_dataset(cfg, which: str, feature_extractor, tokens: WhisperTokens) -> 
     augment = None
     if which == "train" and cfg.augment_config_path:
         augment = Augmenter.from_file(cfg.augment_config_path, seed=cfg.seed, timestamps=cfg.timestamps)
-    samples = load_samples(spec, split, **{key: getattr(cfg, key) for key in DATASET_KEYS})
+    samples = load_samples(
+        spec, split, **{key: getattr(cfg, key) for key in DATASET_KEYS}, duration_tolerance=cfg.duration_tolerance
+    )
     return PreferenceDataset(
         samples, feature_extractor, tokens, cfg.language, cfg.min_audio_len, cfg.max_audio_len, augment=augment
     )

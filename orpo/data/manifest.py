@@ -10,9 +10,11 @@ another. Audio paths resolve against the manifest's folder.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from orpo.data.audio import audio_duration
+from orpo.config import DURATION_TOLERANCE
+from orpo.data.audio import audio_durations
 from orpo.data.schema import AsrSample, PreferenceSample, language_field, parse_transcripts, text_field
 from orpo.errors import ManifestError
 
@@ -129,19 +131,58 @@ def _manifest_records(path: Path) -> list[tuple[int, object]]:
     return records
 
 
-def _audio_file(record: dict, manifest: Path, where: str) -> tuple[Path, float]:
-    """The record's audio file (resolved against the manifest's folder) and its duration from the header."""
+def _audio_path(record: dict, manifest: Path, where: str) -> Path:
+    """The record's audio file, resolved against the manifest's folder."""
     audio = record.get("audio")
     audio_path = audio.get("path") if isinstance(audio, dict) else audio
     if not isinstance(audio_path, str) or not audio_path.strip():
         raise ManifestError(f"{where}: field 'audio.path' is missing or empty")
     full_path = Path(audio_path) if Path(audio_path).is_absolute() else manifest.parent / audio_path
+    if full_path.is_dir():
+        raise ManifestError(f"{where}: field 'audio.path': {full_path} is a directory, not an audio file")
     if not full_path.is_file():
         raise ManifestError(f"{where}: field 'audio.path': file {full_path} does not exist")
-    try:
-        return full_path, audio_duration(full_path)
-    except ManifestError as err:
-        raise ManifestError(f"{where}: field 'audio.path': {err}") from None
+    return full_path
+
+
+def _given_duration(record: dict, where: str) -> float | None:
+    """The record's own ``duration`` (seconds), when it gives one."""
+    value = record.get("duration")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ManifestError(f"{where}: field 'duration' must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _decoded_durations(records: list, paths: list[Path], tolerance: float) -> list[float]:
+    """Every clip decoded in full, in parallel; the first bad one in file order is the error. A clip that
+    decodes shorter or longer than its record's ``duration`` by more than ``tolerance`` seconds is truncated
+    (or the duration is wrong): training it would pair part of the audio with the whole transcript."""
+    decoded = audio_durations(paths, desc="check audio")
+    durations = []
+    for (_, where, record), duration in zip(records, decoded):
+        if isinstance(duration, ManifestError):
+            raise ManifestError(f"{where}: field 'audio.path': {duration}")
+        given = _given_duration(record, where)
+        if given is not None and abs(given - duration) > tolerance:
+            raise ManifestError(
+                f"{where}: field 'duration' is {given:.2f} s but the audio decodes to {duration:.2f} s "
+                f"(duration_tolerance: {tolerance} s): the file is truncated or the duration is wrong; "
+                "fix the file or the field, or raise duration_tolerance"
+            )
+        durations.append(duration)
+    return durations
+
+
+def _audio_records(path: Path, tolerance: float) -> list[tuple[int, str, dict, Path, float]]:
+    """(line, where, record, audio file, decoded duration) of every record of a manifest."""
+    records = list(_checked_records(path))
+    if not records:
+        raise ManifestError(f"{path}: the manifest has no records")
+    paths = [_audio_path(record, path, where) for _, where, record in records]
+    durations = _decoded_durations(records, paths, tolerance)
+    return [(*record, audio, duration) for record, audio, duration in zip(records, paths, durations)]
 
 
 def _checked_records(path: Path):
@@ -155,37 +196,29 @@ def _checked_records(path: Path):
         yield line, where, record
 
 
-def read_manifest(path: str | Path) -> list[PreferenceSample]:
+def read_manifest(path: str | Path, duration_tolerance: float = DURATION_TOLERANCE) -> list[PreferenceSample]:
     """Parse and check every record of a manifest; audio paths resolve against its folder."""
     path = Path(path)
-    samples = []
-    for _, where, record in _checked_records(path):
-        full_path, duration = _audio_file(record, path, where)
-        language = language_field(record, where)
-        samples.append(
-            PreferenceSample(
-                audio_path=full_path,
-                duration=duration,
-                language=language,
-                source=where,
-                **parse_transcripts(record, where, duration),
-            )
+    return [
+        PreferenceSample(
+            audio_path=full_path,
+            duration=duration,
+            language=language_field(record, where),
+            source=where,
+            **parse_transcripts(record, where, duration),
         )
-    if not samples:
-        raise ManifestError(f"{path}: the manifest has no records")
-    return samples
+        for _, where, record, full_path, duration in _audio_records(path, duration_tolerance)
+    ]
 
 
-def read_asr_manifest(path: str | Path) -> list[AsrSample]:
+def read_asr_manifest(path: str | Path, duration_tolerance: float = DURATION_TOLERANCE) -> list[AsrSample]:
     """A plain ASR manifest: our manifest shape with a reference "text" (or "sentence") per clip.
 
     Same JSON Lines / JSON array parsing and audio checks as :func:`read_manifest`; a bad line is a
     :class:`ManifestError` naming the file, the line and the field.
     """
-    path = Path(path)
     samples = []
-    for line, where, record in _checked_records(path):
-        full_path, duration = _audio_file(record, path, where)
+    for line, where, record, full_path, duration in _audio_records(Path(path), duration_tolerance):
         key = next((k for k in ASR_TEXT_KEYS if k in record), None)
         if key is None:
             raise ManifestError(
@@ -203,8 +236,6 @@ def read_asr_manifest(path: str | Path) -> list[AsrSample]:
                 record=record,
             )
         )
-    if not samples:
-        raise ManifestError(f"{path}: the manifest has no records")
     return samples
 
 

@@ -10,6 +10,7 @@ turns ``num_return_sequences`` into copies of each clip). Timestamp tokens can b
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,16 @@ from transformers import GenerationMixin
 
 from orpo.scale.launch import unwrap_model
 from orpo.scale.zero3 import generation_kwargs
+
+
+class EvaluationStopped(Exception):
+    """A stop signal ended an evaluation between two batches (every process leaves at the same batch)."""
+
+
+def stop_between_batches(stop: Callable[[], bool] | None) -> None:
+    """Raise :class:`EvaluationStopped` when ``stop`` (the loop's all-process stop check) says so."""
+    if stop is not None and stop():
+        raise EvaluationStopped
 
 
 def whisper_for_generation(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
@@ -94,9 +105,10 @@ def generate_transcripts(
     num_beams: int = 1,
     max_length: int = 225,
     desc: str = "generate",
+    stop: Callable[[], bool] | None = None,
 ) -> dict[int, str]:
     """Transcribe every clip of ``loader`` (a prepared loader of :class:`orpo.data.collate.GenerationCollator`
-    batches); ``{index: text}``.
+    batches); ``{index: text}``. ``stop``, checked before each batch, ends it with :class:`EvaluationStopped`.
 
     Each process generates its shard; the texts are gathered so every process returns the same full
     mapping. Duplicates that even batches add are dropped by index.
@@ -114,6 +126,7 @@ def generate_transcripts(
     try:
         with torch.no_grad(), autocast:
             for batch in tqdm(loader, desc=desc, leave=False, disable=disable):
+                stop_between_batches(stop)
                 prefix = batch["decoder_input_ids"]
                 sequences = generate(whisper, batch["input_features"], prefix, config, max_length, accelerator)
                 if not isinstance(sequences, torch.Tensor):

@@ -7,17 +7,25 @@ that even shards add are dropped by index), under TRL's names with an ``eval/`` 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
-from orpo.eval.generate import restore_training_modes, training_modes
+from orpo.eval.generate import restore_training_modes, stop_between_batches, training_modes
 from orpo.loss import orpo_loss
 
 
 def preference_metrics(
-    model: torch.nn.Module, loader, accelerator, alpha: float, desc: str = "eval"
+    model: torch.nn.Module,
+    loader,
+    accelerator,
+    alpha: float,
+    desc: str = "eval",
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """ORPO metrics of an :class:`orpo.model.orpo_whisper.ORPOWhisper` (prepared or not) on a prepared loader."""
+    """ORPO metrics of an :class:`orpo.model.orpo_whisper.ORPOWhisper` (prepared or not) on a prepared loader;
+    ``stop`` as in :func:`orpo.eval.generate.generate_transcripts`."""
     sums: dict[str, float] = {}
     seen: set[int] = set()
     modes = training_modes(model)
@@ -26,6 +34,7 @@ def preference_metrics(
     try:
         with torch.no_grad():
             for batch in tqdm(loader, desc=desc, leave=False, disable=disable):
+                stop_between_batches(stop)
                 out = model(batch)
                 _, per_clip = orpo_loss(
                     out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], alpha

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -66,8 +68,15 @@ class WerEvaluator:
             worker_init_fn=worker_init_fn,
         )
 
-    def __call__(self, model: torch.nn.Module, tag: str = "tuned", num_beams: int | None = None) -> dict[str, float]:
-        """WER/CER of the model's transcripts (beam width ``num_beams``, else the evaluator's own)."""
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        tag: str = "tuned",
+        num_beams: int | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> dict[str, float]:
+        """WER/CER of the model's transcripts (beam width ``num_beams``, else the evaluator's own); ``stop`` as in
+        :func:`orpo.eval.generate.generate_transcripts`."""
         texts = generate_transcripts(
             model,
             self.loader,
@@ -76,6 +85,7 @@ class WerEvaluator:
             num_beams or self.num_beams,
             self.max_length,
             desc=f"generate ({tag})",
+            stop=stop,
         )
         missing = set(range(len(self.dataset))) - set(texts)
         if missing:

@@ -12,7 +12,8 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from orpo.config import TrainConfig
 from orpo.data.spelling import english_spelling_mapping
 from orpo.errors import ConfigError
-from orpo.files import fresh_staging_dir, publish_files
+from orpo.files import disk_full_guard, fresh_staging_dir, publish_files
+from orpo.scale.zero3 import param_numel
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +129,25 @@ def write_whisper(whisper, processor: WhisperProcessor, folder: Path) -> None:
         logger.warning("tokenizer vocabulary files not written (%s); tokenizer.json is", err)
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's parameters (a tied one once), what saving its weights writes, give or take headers."""
+    return sum(param_numel(p) * p.element_size() for p in model.parameters())
+
+
 def save_final_model(whisper, processor: WhisperProcessor, output_dir: str | Path) -> None:
     """Write the tuned model into ``output_dir`` (beside the run's logs); with PEFT, also ``adapter/``.
 
     With PEFT the saved model has the adapter merged in. The files are written into a staging folder and
-    each is then renamed into place: every file is whole at all times.
+    each is then renamed into place: every file is whole at all times. A full disk removes the staging folder.
     """
     output_dir = Path(output_dir)
-    staging = fresh_staging_dir(output_dir / ".final-model.tmp")
-    if hasattr(whisper, "merge_and_unload"):
-        whisper.save_pretrained(staging / "adapter")
-        whisper = whisper.merge_and_unload()
-    write_whisper(whisper, processor, staging)
-    publish_files(staging, output_dir)
+    staging = output_dir / ".final-model.tmp"
+    needed = (weight_bytes(whisper), "its weights; the tokenizer's files add a few MB")  # PEFT: merged + adapter/
+    with disk_full_guard(output_dir, "the final model", lambda: needed, remove=staging):
+        fresh_staging_dir(staging)
+        if hasattr(whisper, "merge_and_unload"):
+            whisper.save_pretrained(staging / "adapter")
+            whisper = whisper.merge_and_unload()
+        write_whisper(whisper, processor, staging)
+        publish_files(staging, output_dir)
     logger.info("saved the final model to %s", output_dir)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -33,10 +34,36 @@ from orpo.model.recompute import elementwise_modules, report_kept, selective_rec
 LOGIT_CHUNK_TOKENS = 512
 
 
+def whisper_base(whisper: nn.Module) -> nn.Module:
+    """The WhisperForConditionalGeneration itself, PEFT-wrapped or not."""
+    return whisper.get_base_model() if hasattr(whisper, "get_base_model") else whisper
+
+
 def whisper_parts(whisper: nn.Module) -> tuple[nn.Module, nn.Module, nn.Linear]:
     """(encoder, decoder, proj_out) of a WhisperForConditionalGeneration, PEFT-wrapped or not."""
-    base = whisper.get_base_model() if hasattr(whisper, "get_base_model") else whisper
+    base = whisper_base(whisper)
     return base.model.encoder, base.model.decoder, base.proj_out
+
+
+def spec_augment(whisper_model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Whisper's SpecAugment, which calling the encoder directly would skip: in training mode with
+    ``config.apply_spec_augment`` on, time and feature masks as the ``mask_*`` config keys say.
+
+    The masks are drawn before the encoder's one pass, so all transcripts of a clip see the same
+    masked clip. ``WhisperModel._mask_input_features`` is called (private, and only here) so the
+    masks are Whisper's own. It draws them from numpy's global RNG: that is seeded from torch's,
+    which the training loop seeds per batch, so a resumed run masks what the uninterrupted one did;
+    numpy's state is then restored.
+    """
+    if not (whisper_model.training and whisper_model.config.apply_spec_augment):
+        return features
+    seed = int(torch.randint(2**32, ()))
+    numpy_state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return whisper_model._mask_input_features(features.clone())  # it masks in place; the batch stays as given
+    finally:
+        np.random.set_state(numpy_state)
 
 
 def freeze_encoder(whisper: nn.Module) -> None:
@@ -149,6 +176,7 @@ class ORPOWhisper(nn.Module):
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         encoder, decoder, proj_out = whisper_parts(self.whisper)
         features = batch["input_features"].to(encoder.conv1.weight.dtype)
+        features = spec_augment(whisper_base(self.whisper).model, features)
         # A frozen encoder (nothing in it trains) keeps no activations for backward.
         encoder_trains = any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):

@@ -74,7 +74,7 @@ def adalora_orthogonal_penalty(whisper) -> torch.Tensor | None:
 
 
 class AdaLoraState:
-    """AdaLoRA's rank-allocation state that lives outside the weights, for ``register_for_checkpointing``.
+    """AdaLoRA's rank-allocation state that lives outside the weights, kept in checkpoints (as safetensors and JSON).
 
     The importance averages of the rank allocator and the rank pattern decide which ranks are pruned next; the
     masked singular values themselves are weights (``lora_E``) and travel with the adapter.
@@ -115,9 +115,10 @@ def adalora_ranks(whisper) -> dict[str, int]:
 class AdapterHooks:
     """The loop's calls for adapters that need nothing (no adapters, LoRA)."""
 
-    def checkpoint_objects(self) -> list:
-        """State outside the weights that checkpoints must keep (``accelerator.register_for_checkpointing``)."""
-        return []
+    def checkpoint_objects(self) -> dict:
+        """State outside the weights that checkpoints must keep: name (of its files) to an object with
+        ``state_dict``/``load_state_dict``."""
+        return {}
 
     def regularise(self, loss: torch.Tensor, per_clip: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss with the method's own terms added (logged per clip in ``per_clip``)."""
@@ -133,8 +134,8 @@ class AdaLoraHooks(AdapterHooks):
     def __init__(self, whisper):
         self.whisper = whisper
 
-    def checkpoint_objects(self) -> list:
-        return [AdaLoraState(self.whisper)]
+    def checkpoint_objects(self) -> dict:
+        return {"adalora_state": AdaLoraState(self.whisper)}
 
     def regularise(self, loss: torch.Tensor, per_clip: dict[str, torch.Tensor]) -> torch.Tensor:
         penalty = adalora_orthogonal_penalty(self.whisper)

@@ -361,7 +361,7 @@ def make_pairs(
 def make_pairs_from_config(cfg: MakePairsConfig) -> None:
     """The command: check the manifest, load the model, make the pairs, print the summary."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    samples = read_asr_manifest(cfg.data)  # a bad line stops here, before the model loads
+    samples = read_asr_manifest(cfg.data, cfg.duration_tolerance)  # a bad line stops here, before the model loads
     hf_logging.set_verbosity_error()
     processor = load_processor(cfg.model)
     try:

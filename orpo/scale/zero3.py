@@ -8,7 +8,8 @@
 * :func:`generation_kwargs` -- ``synced_gpus`` for ``generate`` under multi-process ZeRO-3.
 * :func:`peft_model_kwargs` -- ``autocast_adapter_dtype=False`` under ZeRO-3 (DeepSpeed #8072).
 * :func:`consolidated_whisper` -- the final model gathered whole from all ranks.
-* :func:`check_deepspeed_checkpoint_files` -- the engine's checkpoint layout, before resuming.
+* :func:`deepspeed_checkpoint_problems` -- the engine's checkpoint layout, before resuming;
+  :func:`deepspeed_checkpoint_globals` -- the classes its pickles may hold, checked before DeepSpeed unpickles them.
 """
 
 from __future__ import annotations
@@ -168,6 +169,21 @@ def consolidated_whisper(accelerator, model) -> torch.nn.Module | None:
             f"the gathered ZeRO-3 weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return copy_.eval().requires_grad_(False)
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The classes besides tensors and plain data that the DeepSpeed engine pickles into ``pytorch_model/*.pt``
+    (found in ZeRO-2 and ZeRO-3 checkpoints: the optimizer's loss scaler, the ZeRO stage, ZeRO-2's fragment
+    addresses). DeepSpeed unpickles these files with ``weights_only=False``; a file that loads with
+    ``weights_only=True`` and only these allowed is safe to hand to it. Without DeepSpeed installed there are none
+    to allow, and such a file is refused."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def deepspeed_checkpoint_problems(folder: str | Path, world_size: int) -> list[str]:

@@ -30,6 +30,7 @@ def sft_config(cfg: TrainConfig) -> TrainConfig:
         alpha=0.0,
         output_dir=str(Path(cfg.output_dir) / SFT_FOLDER),
         resume_from_checkpoint=None,
+        overwrite_output_dir=True,  # a baseline left by an earlier attempt moves aside: it restarts from scratch
         eval_before_train=False,
         compare_num_beams=0,
         compare_sft=False,

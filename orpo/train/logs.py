@@ -23,35 +23,63 @@ metrics_logger = logging.getLogger("orpo.metrics")
 metrics_logger.propagate = False
 
 
+class _Held(logging.Handler):
+    """Keeps the records logged before ``train.log`` may be written (the checks of a run), to write them there."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 class TrainLog:
     """Console logging, and ``output_dir/train.log`` on the main process (appended to when resuming): every
-    log record, the metric lines of :class:`MetricsLog`, and at the end the run's total wall time."""
+    log record, the metric lines of :class:`MetricsLog`, and at the end the run's total wall time.
+
+    The file is opened only once every check has passed (:meth:`open_file`); what was logged before that is
+    held in memory and written first, so ``train.log`` still tells the whole run.
+    """
 
     FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-    def __init__(self, accelerator, output_dir: Path, append: bool):
+    def __init__(self, accelerator):
         logging.basicConfig(format=self.FORMAT, level=logging.INFO if accelerator.is_main_process else logging.WARNING)
         self.started = time.monotonic()
+        self.main = accelerator.is_main_process
         self.handler = None
         self.root = logging.getLogger()
         self.level = self.root.level
-        if accelerator.is_main_process:
-            self.handler = logging.FileHandler(output_dir / "train.log", mode="a" if append else "w")
-            self.handler.setFormatter(logging.Formatter(self.FORMAT))
-            self.handler.setLevel(logging.INFO)
-            self.root.addHandler(self.handler)
+        self.held = _Held() if self.main else None
+        if self.main:
+            self.root.addHandler(self.held)
             if self.root.getEffectiveLevel() > logging.INFO:
                 self.root.setLevel(logging.INFO)
-            metrics_logger.addHandler(self.handler)
-            metrics_logger.setLevel(logging.INFO)
+
+    def open_file(self, output_dir: Path, append: bool) -> None:
+        if not self.main:
+            return
+        self.handler = logging.FileHandler(output_dir / "train.log", mode="a" if append else "w")
+        self.handler.setFormatter(logging.Formatter(self.FORMAT))
+        self.handler.setLevel(logging.INFO)
+        self.root.removeHandler(self.held)
+        for record in self.held.records:
+            self.handler.handle(record)
+        self.held = None
+        self.root.addHandler(self.handler)
+        metrics_logger.addHandler(self.handler)
+        metrics_logger.setLevel(logging.INFO)
 
     def close(self) -> None:
+        if self.held is not None:
+            self.root.removeHandler(self.held)
         if self.handler is not None:
             logging.getLogger("orpo").info("total wall time: %s", format_duration(time.monotonic() - self.started))
             metrics_logger.removeHandler(self.handler)
             self.root.removeHandler(self.handler)
             self.handler.close()
-            self.root.setLevel(self.level)
+        self.root.setLevel(self.level)
 
 
 def format_duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import WhisperConfig, get_scheduler
@@ -24,7 +24,8 @@ from orpo.config import TrainConfig, config_to_dict
 from orpo.data.collate import PreferenceCollator
 from orpo.data.dataset import build_datasets
 from orpo.data.sampling import LengthGroupedSampler, packed_lengths
-from orpo.errors import NonFiniteLossError
+from orpo.errors import NonFiniteLossError, OutputDirError
+from orpo.eval.generate import EvaluationStopped
 from orpo.eval.preference import preference_metrics
 from orpo.eval.report import format_comparison, write_eval_results
 from orpo.eval.wer import WerEvaluator
@@ -39,16 +40,16 @@ from orpo.scale.launch import build_accelerator, launch_prefix, uses_deepspeed
 from orpo.scale.zero3 import consolidated_whisper, fill_deepspeed_config, param_ndim, whole_model_loading
 from orpo.train.checkpoint import (
     check_checkpoint_files,
-    complete_checkpoints,
     load_checkpoint,
     read_trainer_state,
-    register_weight_hooks,
+    register_checkpoint_hooks,
     remove_stale_staging,
     resolve_checkpoint,
     save_checkpoint,
 )
 from orpo.train.logs import MetricsLog, TrainLog, check_trackers, init_trackers, logged_base_results
 from orpo.train.plots import plot_training_curves
+from orpo.train.run_folder import RunLock, check_output_dir, move_earlier_run
 from orpo.train.signals import StopSignal, ignore_stop_signals
 from orpo.train.state import TrainState, batch_seed, check_position_settings, run_settings
 
@@ -98,12 +99,15 @@ class ORPOTrainer:
         self.stop = StopSignal()
         self.pending = []  # this optimizer step's micro-batches: (loss, per-clip metrics, sample indices)
         self.grad_norm = None
-        self.train_log = None  # train.log exists once the output_dir is set up
+        self.train_log = None
+        self.lock = RunLock(self.output_dir)
 
     # ----------------------------------------------------------------------------------------------
     # setup
 
     def setup(self) -> None:
+        """Every check first (recipe, launch, data, the checkpoint to resume from, output_dir), reading only; then
+        output_dir is locked and written, and the weights load."""
         cfg = self.cfg
         check_hardware(cfg)
         check_trackers(cfg)
@@ -116,37 +120,41 @@ class ORPOTrainer:
             cfg.output_dir,
             data_seed=cfg.seed,
         )
+        self.train_log = TrainLog(self.accelerator)  # held in memory until output_dir may be written
         self.resume_dir = (
             resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir) if cfg.resume_from_checkpoint else None
         )
         set_seed(cfg.seed)
-        self.setup_output_dir()
         self.setup_data()  # a bad manifest stops the run here, before any weights load
         self.setup_schedule()
+        self.setup_output_dir()
         self.setup_model()
         self.setup_optimization()
         self.setup_state()
 
     def setup_output_dir(self) -> None:
-        accelerator = self.accelerator
+        """The last check (output_dir usable, not in use, no earlier run to replace unless told), then the lock
+        and the first writes: nothing in output_dir changes before this point."""
+        cfg, accelerator = self.cfg, self.accelerator
+        problem = None
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                check_output_dir(self.output_dir, self.resume_dir is not None, cfg.overwrite_output_dir)
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                self.lock.acquire()
+            except OutputDirError as err:
+                problem = str(err)
+        if accelerator.num_processes > 1:  # every process stops on the main process's finding
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise OutputDirError(problem)
+        if accelerator.is_main_process:
+            if self.resume_dir is None:
+                move_earlier_run(self.output_dir)
+            self.train_log.open_file(self.output_dir, append=self.resume_dir is not None)
+            write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            remove_stale_staging(self.output_dir)
         accelerator.wait_for_everyone()
-        self.train_log = TrainLog(accelerator, self.output_dir, append=self.resume_dir is not None)
-        if not accelerator.is_main_process:
-            return
-        write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        remove_stale_staging(self.output_dir)
-        if self.resume_dir is None:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a resumed run appends
-            earlier = complete_checkpoints(self.output_dir)
-            if earlier:
-                logger.warning(
-                    "output_dir holds checkpoints of an earlier run (%s); this run starts afresh and "
-                    "replaces them as it saves its own. To continue that run instead, pass "
-                    "--resume_from_checkpoint latest",
-                    ", ".join(p.name for _, p in earlier),
-                )
 
     def setup_data(self) -> None:
         """Both datasets, read and checked in full; the loaders over them (prepared later with the model)."""
@@ -231,10 +239,8 @@ class ORPOTrainer:
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=self.total_steps,
         )
-        self.checkpoint_objects = [self.scheduler, *self.adapters.checkpoint_objects()]
-        for obj in self.checkpoint_objects:  # save_state/load_state keep them
-            accelerator.register_for_checkpointing(obj)
-        register_weight_hooks(accelerator, adapter_only=cfg.peft != "none")
+        self.checkpoint_objects = {"scheduler": self.scheduler, **self.adapters.checkpoint_objects()}
+        register_checkpoint_hooks(accelerator, self.model, self.checkpoint_objects, adapter_only=cfg.peft != "none")
         init_trackers(accelerator, cfg, self.output_dir)
         self.log = MetricsLog(accelerator, self.output_dir)
 
@@ -248,7 +254,7 @@ class ORPOTrainer:
         check_checkpoint_files(
             self.resume_dir,
             accelerator.num_processes,
-            len(self.checkpoint_objects),
+            self.checkpoint_objects,
             scaler=accelerator.scaler is not None,
             deepspeed=uses_deepspeed(),
         )
@@ -386,13 +392,18 @@ class ORPOTrainer:
             )
 
     def after_step(self, stop_requested: bool) -> Path | None:
-        """Log, evaluate and save as the recipe asks; the checkpoint folder when a stop signal ends the run."""
+        """Log, evaluate and save as the recipe asks; the checkpoint folder when a stop signal ends the run (a
+        signal during an evaluation ends the evaluation at its next batch, unlogged, and the checkpoint follows)."""
         cfg, step = self.cfg, self.state.global_step
         before_end = step < self.total_steps
         if step % cfg.logging_steps == 0 or not before_end:
             self.log_train_metrics()
         if self.test_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and before_end:
-            self.log.write(step, self.evaluate())
+            try:
+                self.log.write(step, self.evaluate(stop=self.stop_agreed))
+            except EvaluationStopped:
+                logger.warning("step %d: evaluation stopped by a stop signal; it is not logged", step)
+                stop_requested = True
         stopping = stop_requested and before_end
         if (cfg.save_steps > 0 and step % cfg.save_steps == 0 and before_end) or stopping:
             saved = self.save_checkpoint()
@@ -416,16 +427,22 @@ class ORPOTrainer:
             )
         self.log.write(state.global_step, metrics)
 
-    def evaluate(self, tag: str = "tuned", compare_beams: bool = False) -> dict[str, float]:
+    def evaluate(self, tag: str = "tuned", compare_beams: bool = False, stop=None) -> dict[str, float]:
         """Eval loss and preference metrics, then WER/CER of generated transcripts, on the whole test set; with
-        ``compare_beams`` (the base and final evaluations) also WER/CER at ``compare_num_beams`` (``wer_beamN``)."""
-        metrics = preference_metrics(self.model, self.test_loader, self.accelerator, self.cfg.alpha)
-        metrics.update(self.wer_eval(self.model, tag=tag))
+        ``compare_beams`` (the base and final evaluations) also WER/CER at ``compare_num_beams`` (``wer_beamN``).
+        ``stop`` (:meth:`stop_agreed`) ends it between batches with :class:`EvaluationStopped`."""
+        metrics = preference_metrics(self.model, self.test_loader, self.accelerator, self.cfg.alpha, stop=stop)
+        metrics.update(self.wer_eval(self.model, tag=tag, stop=stop))
         beams = self.cfg.compare_num_beams
         if compare_beams and beams > 0:
-            beam_metrics = self.wer_eval(self.model, tag=f"{tag}_beam{beams}", num_beams=beams)
+            beam_metrics = self.wer_eval(self.model, tag=f"{tag}_beam{beams}", num_beams=beams, stop=stop)
             metrics.update({f"{key}_beam{beams}": value for key, value in beam_metrics.items()})
         return metrics
+
+    def stop_agreed(self) -> bool:
+        """Whether a stop signal reached any process (one all-reduce, so every process stops at the same batch)."""
+        flag = torch.tensor(float(self.stop.received is not None), device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) > 0
 
     def save_checkpoint(self) -> Path:
         record = self.state.record(self.accelerator, self.total_steps, self.settings)
@@ -435,23 +452,32 @@ class ORPOTrainer:
     # finish
 
     def finish(self, stopped_at: Path | None) -> dict[str, float]:
-        """Stopped by a signal: say how to resume. Else: the final evaluation, the model, the plot."""
+        """Stopped by a signal: say how to resume. Else: the model is saved first (a failing or stopped final
+        evaluation never costs the training), then the final evaluation, its results and the plot."""
         accelerator = self.accelerator
         if stopped_at is not None:
-            reason = self.stop.received or "a signal on another process"
-            message = (
-                f"Stopped by {reason} after optimizer step {self.state.global_step} of {self.total_steps}; "
-                f"checkpoint saved in {stopped_at}.\n"
-                f"To resume: {resume_command(self.output_dir, accelerator.num_processes)}"
+            self.say_stopped(
+                f"after optimizer step {self.state.global_step} of {self.total_steps}; checkpoint saved in "
+                f"{stopped_at}.\nTo resume: {resume_command(self.output_dir, accelerator.num_processes)}"
             )
-            logger.warning(message)
-            if accelerator.is_main_process:
-                print(message, flush=True)
             accelerator.end_training()
             return {}
+        accelerator.wait_for_everyone()
+        final_whisper = consolidated_whisper(accelerator, self.model)  # every process: ZeRO-3 gathers the weights
+        if accelerator.is_main_process:
+            save_final_model(final_whisper, self.processor, self.output_dir)
         results = {}
         if self.test_loader is not None:
-            results = self.evaluate(compare_beams=True)
+            try:
+                results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
+            except EvaluationStopped:
+                self.say_stopped(
+                    f"during the final evaluation; training is complete and the model is saved in {self.output_dir}."
+                    f"\nTo evaluate it: whisper-orpo evaluate --model {shlex.quote(str(self.output_dir))} "
+                    f"--data {shlex.quote(str(self.cfg.test_data))}"
+                )
+                accelerator.end_training()
+                return {}
             self.log.write(self.state.global_step, results)
             if accelerator.is_main_process:
                 write_eval_results(self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples())
@@ -459,18 +485,23 @@ class ORPOTrainer:
                     logger.info(
                         "base vs tuned on %s:\n%s", self.cfg.test_data, format_comparison(self.base_results, results)
                     )
-        accelerator.wait_for_everyone()
-        final_whisper = consolidated_whisper(accelerator, self.model)  # every process: ZeRO-3 gathers the weights
         if accelerator.is_main_process:
-            save_final_model(final_whisper, self.processor, self.output_dir)
             plot_training_curves(self.output_dir)
         accelerator.end_training()
         return results
+
+    def say_stopped(self, what: str) -> None:
+        """The closing message of a run a stop signal ended, in the log and on the console."""
+        message = f"Stopped by {self.stop.received or 'a signal on another process'} {what}"
+        logger.warning(message)
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
 
     def cleanup(self) -> None:
         self.stop.restore()
         if self.train_log is not None:
             self.train_log.close()
+        self.lock.release()
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -480,7 +511,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         trainer.setup()
         return trainer.train()
     except Exception as err:
-        if trainer.train_log is not None:  # a failure before that (a recipe check) is reported by the caller
+        if trainer.train_log is not None and trainer.train_log.handler is not None:
+            # into train.log; a check that failed before it opened is reported by the caller alone
             logger.error("training failed: %s: %s", type(err).__name__, err)
         raise
     finally:

@@ -28,7 +28,8 @@ class StopSignal:
             return
         self.received = signal.Signals(signum).name
         logger.warning(
-            "%s received: finishing the current optimizer step, then saving a checkpoint "
+            "%s received: stopping at the next safe point (after the current optimizer step or evaluation "
+            "batch) with a checkpoint, or the final model, saved "
             "(send it again to stop at once)",
             self.received,
         )
