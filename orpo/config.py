@@ -263,6 +263,25 @@ class TrainConfig(Config):
     )
     save_steps: int = _key(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _key(2, "Keep at most this many checkpoints (0: keep all); the newest is never deleted.")
+    metric_for_best_model: Optional[str] = _key(
+        None,
+        "Evaluation metric that picks the best model (eval/wer, eval/cer, eval/loss, eval/rewards/accuracies, ...); "
+        "if unset, the test set's error rate (eval/cer for languages written without spaces, else eval/wer).",
+    )
+    greater_is_better: Optional[bool] = _key(
+        None, "Whether a higher metric_for_best_model is better; if unset, known for every logged metric."
+    )
+    load_best_model_at_end: bool = _key(
+        False,
+        "The final model is the best evaluated one (its checkpoint is kept through rotation); needs "
+        "save_steps equal to eval_steps, so that every evaluated model is a saved one.",
+    )
+    early_stopping_patience: int = _key(
+        0, "Stop cleanly (with a checkpoint) after this many evaluations without improvement (0: off)."
+    )
+    early_stopping_threshold: float = _key(
+        0.0, "How much metric_for_best_model must improve on the best so far to count as an improvement."
+    )
     max_nonfinite_steps: int = _key(
         5, "Stop the run after this many optimizer steps in a row with a NaN/Inf loss (each is skipped)."
     )
@@ -298,6 +317,8 @@ class TrainConfig(Config):
             "lora_dropout",
             "save_total_limit",
             "compare_num_beams",
+            "early_stopping_patience",
+            "early_stopping_threshold",
         )
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -311,9 +332,25 @@ class TrainConfig(Config):
         for name in ("compare_num_beams", "compare_sft"):
             if getattr(self, name) and not self.test_data:
                 raise ConfigError(f"{name} compares models on the test set: set test_data too", key=name)
+        self.check_selection()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
         self.check_combinations()
+
+    def check_selection(self) -> None:
+        """Model selection needs evaluations, each on a checkpoint step (a best model must be a saved one)."""
+        if not (self.load_best_model_at_end or self.early_stopping_patience > 0):
+            return
+        keys = "load_best_model_at_end / early_stopping_patience"
+        if not self.test_data:
+            raise ConfigError(f"{keys} select by an evaluation metric: set test_data too", key="test_data")
+        if self.eval_steps <= 0 or self.save_steps != self.eval_steps:
+            raise ConfigError(
+                f"{keys}: the best model must be a saved one, so evaluations must fall on checkpoint steps: set "
+                f"save_steps equal to eval_steps (both > 0); got eval_steps {self.eval_steps}, save_steps "
+                f"{self.save_steps}",
+                key="save_steps",
+            )
 
     def check_combinations(self) -> None:
         """Trackers, and keys that only make sense together (quantisation and adapters, AdaLoRA's schedule)."""

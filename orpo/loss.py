@@ -21,6 +21,19 @@ import torch.nn.functional as F
 # is certain of (an average log-prob that rounds to 0.0) cannot make log(1 - P) infinite.
 MAX_AVG_LOGP = -1e-10
 _LN2 = math.log(2.0)
+# The per-clip metrics orpo_loss returns (TRL's names); evaluations log them with an "eval/" prefix.
+METRIC_NAMES = (
+    "loss",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -273,8 +273,8 @@ def test_a_disk_that_fills_after_a_checkpoint_keeps_it_and_it_resumes(
     out = disk / "out"
     real_rotate, kept = checkpoint.rotate_checkpoints, {}
 
-    def rotate_then_fill_the_disk(output_dir, newest, limit):
-        real_rotate(output_dir, newest, limit)
+    def rotate_then_fill_the_disk(output_dir, newest, limit, keep=None):
+        real_rotate(output_dir, newest, limit, keep=keep)
         if not kept:
             kept["copy"] = shutil.copytree(newest, tmp_path / "kept")
             kept["filler"] = fill(disk, leave=16 << 10)

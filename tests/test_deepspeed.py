@@ -761,3 +761,28 @@ def test_a_contradiction_stops_the_launch_before_any_weights_load(
         f"max_grad_norm is {MAX_GRAD_NORM}, but DeepSpeed config {ds_path}: gradient_clipping is 1.0" in result.stderr
     )
     assert "Loading weights" not in result.stderr
+
+
+@pytest.mark.slow
+def test_zero3_selects_the_single_process_best_and_saves_its_gathered_weights(
+    deepspeed_available, tiny_model_dir, ds_data, tmp_path
+):
+    """Model selection under ZeRO-3: the all-process metric picks the same best checkpoint as one process does,
+    and the final model is that checkpoint's gathered weights. Asking for the lowest margin (they grow as the model
+    trains) makes an early checkpoint the best, so its DeepSpeed state is loaded back at the end."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    selection = ["--test_data", str(ds_data / "test.jsonl"), "--eval_steps", "1", "--save_steps", "1"]
+    selection += ["--save_total_limit", "1", "--load_best_model_at_end", "true", "--generation_max_length", "8"]
+    selection += ["--metric_for_best_model", "eval/rewards/margins", "--greater_is_better", "false"]
+    single, zero3 = tmp_path / "single", tmp_path / "zero3"
+    run([sys.executable] + train_args(tiny_model_dir, ds_data, single, GLOBAL_BATCH) + selection)
+    run(accelerate_command("deepspeed_zero3.yaml", 2) + train_args(tiny_model_dir, ds_data, zero3, 2) + selection)
+    best = [json.loads((folder / "eval_results.json").read_text())["best_model"] for folder in (single, zero3)]
+    assert best[0]["checkpoint"] is not None and best[0]["step"] < STEPS, best[0]
+    assert (best[1]["step"], best[1]["checkpoint"]) == (best[0]["step"], best[0]["checkpoint"])
+    tuned = WhisperForConditionalGeneration.from_pretrained(zero3).state_dict()
+    reference = WhisperForConditionalGeneration.from_pretrained(single).state_dict()
+    for name, tensor in tuned.items():
+        assert torch.allclose(tensor, reference[name], atol=1e-5), name

@@ -1,4 +1,5 @@
-"""Two processes (DDP over gloo on CPU) follow the loss trajectory of one process with the same global batch."""
+"""Two processes (DDP over gloo on CPU) follow the loss trajectory of one process with the same global batch, and
+select the same best model."""
 
 import json
 import os
@@ -7,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, write_manifest
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +19,9 @@ pytestmark = pytest.mark.slow
 RELATIVE_TOLERANCE = 1e-5
 
 
-def launch(output_dir: Path, processes: int, batch_size: int, model_dir: Path, manifest: Path) -> list[dict]:
+def launch(
+    output_dir: Path, processes: int, batch_size: int, model_dir: Path, manifest: Path, extra: tuple[str, ...] = ()
+) -> list[dict]:
     command = [
         sys.executable,
         "-m",
@@ -53,6 +58,7 @@ def launch(output_dir: Path, processes: int, batch_size: int, model_dir: Path, m
         "none",
         "--seed",
         "3",
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -73,3 +79,29 @@ def test_two_processes_follow_single_process_trajectory(tiny_model_dir, tmp_path
             assert two[name] == pytest.approx(one[name], rel=RELATIVE_TOLERANCE, abs=1e-7), (one["step"], name)
     # Training moved the model: the trajectory is not flat, so the comparison above means something.
     assert single[-1]["loss"] < single[0]["loss"]
+
+
+def test_two_processes_select_the_same_best_step(tiny_model_dir, tmp_path):
+    """Model selection on the all-process metric: the same best checkpoint with one process and with two, loaded
+    at the end as the final model. The margins grow as the model trains, so asking for the lowest (an inverted
+    direction) makes an early checkpoint the best one and the load of its state under DDP is exercised."""
+    manifest = write_manifest(tmp_path / "data", count=8)
+    selection = ("--test_data", str(manifest), "--eval_steps", "1", "--save_steps", "1", "--save_total_limit", "1")
+    selection += ("--load_best_model_at_end", "true", "--metric_for_best_model", "eval/rewards/margins")
+    selection += ("--greater_is_better", "false", "--generation_max_length", "8")
+    best = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        output_dir = tmp_path / f"run{processes}"
+        records = launch(output_dir, processes, batch, tiny_model_dir, manifest, selection)
+        margins = [r["eval/rewards/margins"] for r in records if "eval/rewards/margins" in r][:6]  # steps 1-6
+        best[processes] = json.loads((output_dir / "eval_results.json").read_text())["best_model"]
+        assert best[processes]["value"] == pytest.approx(min(margins), rel=RELATIVE_TOLERANCE)
+        assert best[processes]["checkpoint"] is not None, "the final weights won: nothing was loaded"
+        final = load_file(str(output_dir / "model.safetensors"))
+        saved = load_file(str(output_dir / best[processes]["checkpoint"] / "model.safetensors"))
+        assert all(
+            torch.equal(final[name.removeprefix("whisper.")], t)
+            for name, t in saved.items()
+            if name.removeprefix("whisper.") in final
+        )
+    assert best[1]["step"] == best[2]["step"] and best[1]["checkpoint"] == best[2]["checkpoint"]

@@ -12,7 +12,7 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from orpo.config import TrainConfig
 from orpo.data.spelling import english_spelling_mapping
 from orpo.errors import ConfigError
-from orpo.files import disk_full_guard, fresh_staging_dir, publish_files
+from orpo.files import disk_full_guard, fresh_staging_dir, publish_dir, publish_files
 from orpo.scale.zero3 import param_numel
 
 logger = logging.getLogger(__name__)
@@ -129,9 +129,23 @@ def write_whisper(whisper, processor: WhisperProcessor, folder: Path) -> None:
         logger.warning("tokenizer vocabulary files not written (%s); tokenizer.json is", err)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """The bytes of a model's parameters (a tied one once), what saving its weights writes, give or take headers."""
-    return sum(param_numel(p) * p.element_size() for p in model.parameters())
+def weight_bytes(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """The bytes of a model's parameters (a tied one once; only the trainable ones if asked), what saving its
+    weights writes, give or take headers."""
+    return sum(param_numel(p) * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_adapter(whisper, output_dir: str | Path) -> None:
+    """Write only a PEFT model's adapter, ``output_dir/adapter`` (staged, then renamed into place): the trained
+    part, saved without merging (which would change the model in place while it is still evaluated)."""
+    output_dir = Path(output_dir)
+    staging = output_dir / ".adapter.tmp"
+    needed = (weight_bytes(whisper, trainable_only=True), "the adapter's weights")
+    with disk_full_guard(output_dir, "the adapter", lambda: needed, remove=staging):
+        fresh_staging_dir(staging)
+        whisper.save_pretrained(staging)
+        publish_dir(staging, output_dir / "adapter")
+    logger.info("saved the adapter to %s", output_dir / "adapter")
 
 
 def save_final_model(whisper, processor: WhisperProcessor, output_dir: str | Path) -> None:

@@ -64,6 +64,11 @@ TENSOR = "__tensor__"  # {"__tensor__": key} in NAME.json stands for the tensor 
 SAVE_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint at optimizer step ``step``."""
+    return f"{PREFIX}{step}"
+
+
 def read_trainer_state(folder: Path) -> dict:
     path = Path(folder) / STATE_NAME
     try:
@@ -396,15 +401,16 @@ def finalize_checkpoint(staging: Path, final: Path, state: dict) -> None:
     publish_dir(staging, final, aside=final.with_name(f"{TMP_PREFIX}{final.name}.old"))
 
 
-def rotate_checkpoints(output_dir: Path, newest: Path, limit: int) -> None:
-    """Keep ``newest`` and at most ``limit`` complete checkpoints in all (0: keep all).
+def rotate_checkpoints(output_dir: Path, newest: Path, limit: int, keep: str | None = None) -> None:
+    """Keep ``newest`` and at most ``limit`` complete checkpoints in all (0: keep all), and the checkpoint named
+    ``keep`` (model selection's best) beside them.
 
     Checkpoints at later steps than ``newest`` come from a run this one replaced (started afresh, or resumed from
     an earlier checkpoint): they are removed so that ``latest`` always means the last save.
     """
     found = complete_checkpoints(output_dir)
     newest_step = read_trainer_state(newest)["global_step"]
-    others = [(step, folder) for step, folder in found if folder.resolve() != newest.resolve()]
+    others = [(step, folder) for step, folder in found if folder.resolve() != newest.resolve() and folder.name != keep]
     for step, folder in others:
         if step > newest_step:
             logger.warning("removing %s: it is from an earlier run that this one replaced", folder)
@@ -424,14 +430,17 @@ def remove_stale_staging(output_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: Path, record: dict, save_total_limit: int) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: Path, record: dict, save_total_limit: int, keep: str | None = None
+) -> Path:
     """Everything needed to continue exactly (``record`` is the run's ``trainer_state.json``), staged in a
-    temporary folder that is renamed into place once complete; then older checkpoints are rotated out.
+    temporary folder that is renamed into place once complete; then older checkpoints are rotated out (never
+    ``keep``, the best one of model selection).
 
     A full disk removes the staging folder and leaves the checkpoints before it as they were.
     """
     step = record["global_step"]
-    staging, final = output_dir / f"{TMP_PREFIX}{step}", output_dir / f"{PREFIX}{step}"
+    staging, final = output_dir / f"{TMP_PREFIX}{step}", output_dir / checkpoint_name(step)
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
@@ -455,7 +464,7 @@ def save_checkpoint(accelerator, output_dir: Path, record: dict, save_total_limi
             f"{found[-1][1]}."
         ) from err
     if accelerator.is_main_process:
-        rotate_checkpoints(output_dir, final, save_total_limit)
+        rotate_checkpoints(output_dir, final, save_total_limit, keep=keep)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final

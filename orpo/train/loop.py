@@ -28,11 +28,12 @@ from orpo.errors import NonFiniteLossError, OutputDirError
 from orpo.eval.generate import EvaluationStopped
 from orpo.eval.preference import preference_metrics
 from orpo.eval.report import format_comparison, write_eval_results
+from orpo.eval.text import uses_cer
 from orpo.eval.wer import WerEvaluator
 from orpo.files import write_text_atomic
 from orpo.loss import orpo_loss
 from orpo.model.fetch import check_model_source
-from orpo.model.load import check_hardware, load_processor, load_whisper, save_final_model
+from orpo.model.load import check_hardware, load_processor, load_whisper, save_adapter, save_final_model
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
 from orpo.model.peft import adapter_hooks, apply_peft
 from orpo.scale.checks import check_launch_config
@@ -40,6 +41,7 @@ from orpo.scale.launch import build_accelerator, launch_prefix, uses_deepspeed
 from orpo.scale.zero3 import consolidated_whisper, fill_deepspeed_config, param_ndim, whole_model_loading
 from orpo.train.checkpoint import (
     check_checkpoint_files,
+    checkpoint_name,
     load_checkpoint,
     read_trainer_state,
     register_checkpoint_hooks,
@@ -50,6 +52,7 @@ from orpo.train.checkpoint import (
 from orpo.train.logs import MetricsLog, TrainLog, check_trackers, init_trackers, logged_base_results
 from orpo.train.plots import plot_training_curves
 from orpo.train.run_folder import RunLock, check_output_dir, move_earlier_run
+from orpo.train.selection import ModelSelection, check_metric_name, selection_on
 from orpo.train.signals import StopSignal, ignore_stop_signals
 from orpo.train.state import TrainState, batch_seed, check_position_settings, run_settings
 
@@ -126,6 +129,7 @@ class ORPOTrainer:
         )
         set_seed(cfg.seed)
         self.setup_data()  # a bad manifest stops the run here, before any weights load
+        check_metric_name(cfg, self.test_uses_cer())
         self.setup_schedule()
         self.setup_output_dir()
         self.setup_model()
@@ -192,6 +196,10 @@ class ORPOTrainer:
             else None
         )
 
+    def test_uses_cer(self) -> bool:
+        """Whether the test set is scored by CER alone (every clip in a language written without spaces)."""
+        return bool(self.test_set) and all(uses_cer(item.language_code) for item in self.test_set.items)
+
     def setup_schedule(self) -> None:
         """Optimizer steps per epoch and in all; the checkpoint to resume from must fit this run."""
         cfg, world = self.cfg, self.accelerator.num_processes
@@ -249,6 +257,10 @@ class ORPOTrainer:
         accelerator = self.accelerator
         self.state = TrainState()
         self.base_results = None
+        self.early_stopped = None  # the reason, once early stopping ends the run
+        self.selection = (
+            ModelSelection(self.cfg, self.test_uses_cer(), self.resumed.get("best")) if selection_on(self.cfg) else None
+        )
         if self.resume_dir is None:
             return
         check_checkpoint_files(
@@ -297,14 +309,14 @@ class ORPOTrainer:
         self.stop.install()
         self.model.train()
         stopped_at = None
-        while state.global_step < self.total_steps and stopped_at is None:
+        while state.global_step < self.total_steps and stopped_at is None and self.early_stopped is None:
             for batch in self.epoch_batches():
                 self.step(batch)
                 if not accelerator.sync_gradients:
                     continue  # gradient accumulation: more micro-batches to come
                 stop_requested = self.finish_optimizer_step()
                 stopped_at = self.after_step(stop_requested)
-                if stopped_at is not None or state.global_step >= self.total_steps:
+                if stopped_at is not None or self.early_stopped or state.global_step >= self.total_steps:
                     break
             else:
                 state.next_epoch()
@@ -400,7 +412,9 @@ class ORPOTrainer:
             self.log_train_metrics()
         if self.test_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and before_end:
             try:
-                self.log.write(step, self.evaluate(stop=self.stop_agreed))
+                metrics = self.evaluate(stop=self.stop_agreed)
+                self.log.write(step, metrics)
+                self.select(step, metrics)
             except EvaluationStopped:
                 logger.warning("step %d: evaluation stopped by a stop signal; it is not logged", step)
                 stop_requested = True
@@ -444,9 +458,23 @@ class ORPOTrainer:
         flag = torch.tensor(float(self.stop.received is not None), device=self.accelerator.device)
         return float(self.accelerator.reduce(flag, reduction="sum")) > 0
 
+    def select(self, step: int, metrics: dict[str, float]) -> None:
+        """Model selection: the evaluation at this checkpoint step may be the best; early stopping may end the run
+        (after this step's checkpoint, which ``save_steps == eval_steps`` makes sure of)."""
+        if self.selection is None:
+            return
+        self.selection.update(step, metrics, checkpoint_name(step))
+        if self.selection.out_of_patience():
+            self.early_stopped = self.selection.stop_reason(step)
+            logger.warning("%s; the run ends here", self.early_stopped)
+
     def save_checkpoint(self) -> Path:
         record = self.state.record(self.accelerator, self.total_steps, self.settings)
-        return save_checkpoint(self.accelerator, self.output_dir, record, self.cfg.save_total_limit)
+        keep = None
+        if self.selection is not None:
+            record["best"] = self.selection.best.record()
+            keep = self.selection.best.checkpoint
+        return save_checkpoint(self.accelerator, self.output_dir, record, self.cfg.save_total_limit, keep=keep)
 
     # ----------------------------------------------------------------------------------------------
     # finish
@@ -462,15 +490,13 @@ class ORPOTrainer:
             )
             accelerator.end_training()
             return {}
-        accelerator.wait_for_everyone()
-        final_whisper = consolidated_whisper(accelerator, self.model)  # every process: ZeRO-3 gathers the weights
-        if accelerator.is_main_process:
-            save_final_model(final_whisper, self.processor, self.output_dir)
+        self.save_model(merge=False)  # before the final evaluation: a failing or stopped one never costs it
         results = {}
         if self.test_loader is not None:
             try:
-                results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
+                results = self.final_evaluation()
             except EvaluationStopped:
+                self.save_model()
                 self.say_stopped(
                     f"during the final evaluation; training is complete and the model is saved in {self.output_dir}."
                     f"\nTo evaluate it: whisper-orpo evaluate --model {shlex.quote(str(self.output_dir))} "
@@ -478,16 +504,59 @@ class ORPOTrainer:
                 )
                 accelerator.end_training()
                 return {}
-            self.log.write(self.state.global_step, results)
-            if accelerator.is_main_process:
-                write_eval_results(self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples())
-                if self.base_results:
-                    logger.info(
-                        "base vs tuned on %s:\n%s", self.cfg.test_data, format_comparison(self.base_results, results)
-                    )
+        if self.cfg.peft != "none":
+            self.save_model()  # the merged model, now that nothing evaluates the adapter model any more
         if accelerator.is_main_process:
             plot_training_curves(self.output_dir)
         accelerator.end_training()
+        return results
+
+    def save_model(self, merge: bool = True) -> None:
+        """The model as it is now, in output_dir (Hugging Face format). With PEFT and ``merge=False``, only the
+        adapter: merging changes the model in place, so the merged model waits until nothing evaluates it."""
+        self.accelerator.wait_for_everyone()
+        final_whisper = consolidated_whisper(self.accelerator, self.model)  # every process: ZeRO-3 gathers weights
+        if not self.accelerator.is_main_process:
+            return
+        if self.cfg.peft != "none" and not merge:
+            save_adapter(final_whisper, self.output_dir)
+        else:
+            save_final_model(final_whisper, self.processor, self.output_dir)
+
+    def final_evaluation(self) -> dict[str, float]:
+        """The final model's evaluation, logged and written to eval_results.json. With ``load_best_model_at_end``
+        and an earlier checkpoint better than the final weights, that checkpoint becomes the final model and is
+        evaluated in its place."""
+        accelerator, step = self.accelerator, self.state.global_step
+        results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
+        self.log.write(step, results)
+        best = None
+        if self.selection is not None:
+            self.selection.update(step, results, None)  # the final weights are a candidate too
+            best = self.selection.best
+            if self.cfg.load_best_model_at_end and best.checkpoint is not None:
+                load_checkpoint(accelerator, self.output_dir / best.checkpoint)
+                self.save_model(merge=False)
+                results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
+            logger.info(
+                "best %s: %.4g at step %d (%s)%s",
+                best.metric,
+                best.value,
+                best.step,
+                best.checkpoint or "the final weights",
+                "; the final model is that one" if self.cfg.load_best_model_at_end else "",
+            )
+        if accelerator.is_main_process:
+            extra = {"best_model": best.record()} if best is not None else {}
+            if self.early_stopped:
+                extra["early_stopped"] = self.early_stopped
+            write_eval_results(
+                self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples(), **extra
+            )
+            if self.base_results:
+                logger.info(
+                    "base vs tuned on %s:\n%s", self.cfg.test_data, format_comparison(self.base_results, results)
+                )
         return results
 
     def say_stopped(self, what: str) -> None:
