@@ -508,6 +508,9 @@ class ORPOTrainer:
             self.save_model()  # the merged model, now that nothing evaluates the adapter model any more
         if accelerator.is_main_process:
             plot_training_curves(self.output_dir)
+        # Every process leaves together: one that tears the process group down while another still writes
+        # aborted under ZeRO-3 after the best checkpoint's state was loaded back ("terminate called ...").
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return results
 
