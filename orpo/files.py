@@ -22,12 +22,17 @@ DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
 FULL_BELOW = 1 << 20  # a filesystem with fewer bytes free than this is full
 
 
-def free_bytes(path: str | Path) -> int:
-    """Free bytes (for this user) on the filesystem of ``path``, or of its nearest folder that exists."""
+def existing_ancestor(path: str | Path) -> Path:
+    """``path`` or its nearest parent that exists (where ``mkdir(parents=True)`` would start)."""
     path = Path(path).absolute()
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the filesystem of ``path``, or of its nearest folder that exists."""
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def is_disk_full(err: BaseException, folder: str | Path) -> bool:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from orpo.errors import OutputDirError
+from orpo.files import existing_ancestor
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,10 @@ def earlier_run(output_dir: Path) -> list[str]:
     return sorted(names, key=lambda name: (name not in TELLING and not name.startswith("checkpoint-"), name))
 
 
-def _existing_ancestor(path: Path) -> Path:
-    """``path`` or its nearest folder that exists (where ``mkdir`` would start)."""
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
     """``output_dir`` can hold this run: a folder (or creatable), writable, not in use, and, for a fresh run,
     holding no earlier run unless ``overwrite`` says to move it aside. Reads only."""
-    start = _existing_ancestor(output_dir)
+    start = existing_ancestor(output_dir)
     if not start.is_dir():
         what = "is a file" if start == output_dir.absolute() else f"cannot be made: {start} is a file"
         raise OutputDirError(f"output_dir {output_dir} {what}, not a folder: choose another output_dir")
