@@ -282,6 +282,24 @@ class TrainConfig(Config):
     early_stopping_threshold: float = _key(
         0.0, "How much metric_for_best_model must improve on the best so far to count as an improvement."
     )
+    regression_data: Optional[str] = _key(
+        None,
+        "Forgetting guard: plain ASR data (audio, text, optional language; a manifest, a saved dataset or a dataset "
+        "name) transcribed at the start and at every evaluation, logged as regression/wer (CER for unspaced "
+        "languages) with its change from the base model; needs test_data.",
+    )
+    regression_split: str = _key("test", "Split of a Hugging Face dataset given as regression_data.")
+    max_regression: Optional[float] = _key(
+        None,
+        "Most regression/wer may rise above the base model's, in absolute WER points (2.0: a WER of 0.10 may become 0.12). Over "
+        "it the run stops cleanly; with load_best_model_at_end such evaluations are never selected instead.",
+    )
+    log_grad_share: bool = _key(
+        False,
+        "Every logging step, on one micro-batch: the gradient norms of the NLL and of the alpha-weighted "
+        "odds-ratio term apart (grad_norm/nll, grad_norm/odds_ratio, grad_share/odds_ratio, grad_cosine); "
+        "not under DeepSpeed.",
+    )
     max_nonfinite_steps: int = _key(
         5, "Stop the run after this many optimizer steps in a row with a NaN/Inf loss (each is skipped)."
     )
@@ -333,6 +351,7 @@ class TrainConfig(Config):
             if getattr(self, name) and not self.test_data:
                 raise ConfigError(f"{name} compares models on the test set: set test_data too", key=name)
         self.check_selection()
+        self.check_regression()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
         self.check_combinations()
@@ -351,6 +370,21 @@ class TrainConfig(Config):
                 f"{self.save_steps}",
                 key="save_steps",
             )
+
+    def check_regression(self) -> None:
+        """The forgetting guard transcribes regression_data beside each evaluation of test_data."""
+        if self.regression_data and not self.test_data:
+            raise ConfigError(
+                "regression_data is transcribed at every evaluation of test_data: set test_data too",
+                key="regression_data",
+            )
+        if self.max_regression is not None:
+            if not self.regression_data:
+                raise ConfigError(
+                    "max_regression limits the rise of regression/wer: set regression_data too", key="max_regression"
+                )
+            if self.max_regression < 0:
+                raise ConfigError(f"max_regression must be >= 0, got {self.max_regression}", key="max_regression")
 
     def check_combinations(self) -> None:
         """Trackers, and keys that only make sense together (quantisation and adapters, AdaLoRA's schedule)."""

@@ -17,7 +17,7 @@ from orpo.config import DURATION_TOLERANCE, language_code
 from orpo.data.audio import SAMPLE_RATE, load_sample_audio
 from orpo.data.augment import Augmenter
 from orpo.data.hf import read_hf_dataset
-from orpo.data.manifest import is_manifest, read_manifest
+from orpo.data.manifest import is_manifest, read_asr_manifest, read_manifest
 from orpo.data.normalize import TextNormalizer
 from orpo.data.schema import PreferenceSample, Segment
 from orpo.data.tokens import WhisperTokens
@@ -196,6 +196,39 @@ def build_dataset(cfg, which: str, feature_extractor, tokens: WhisperTokens) -> 
     )
     return PreferenceDataset(
         samples, feature_extractor, tokens, cfg.language, cfg.min_audio_len, cfg.max_audio_len, augment=augment
+    )
+
+
+def load_regression_samples(cfg) -> list[PreferenceSample]:
+    """``regression_data`` as samples with nothing rejected: a plain ASR manifest, or a dataset's "text"
+    ("sentence") column; the audio and language columns as for the other datasets."""
+    spec = cfg.regression_data
+    if is_manifest(spec):
+        return [
+            PreferenceSample(s.audio_path, s.duration, s.text, [], s.language, s.source)
+            for s in read_asr_manifest(spec, cfg.duration_tolerance)
+        ]
+    return read_hf_dataset(
+        spec,
+        split=cfg.regression_split,
+        config_name=cfg.dataset_config,
+        audio_column=cfg.audio_column,
+        rejected_column=None,
+        language_column=cfg.language_column,
+    )
+
+
+def build_regression_dataset(cfg, feature_extractor, tokens: WhisperTokens) -> PreferenceDataset:
+    """The forgetting guard's clips (``regression_data``), checked and tokenised like the test set; always
+    without timestamps (their references are plain text, and evaluations score text only)."""
+    plain_tokens = WhisperTokens(tokens.tokenizer, tokens.multilingual, tokens.task, False, tokens.max_length)
+    return PreferenceDataset(
+        load_regression_samples(cfg),
+        feature_extractor,
+        plain_tokens,
+        cfg.language,
+        cfg.min_audio_len,
+        cfg.max_audio_len,
     )
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from orpo.data.audio import AudioSource, audio_duration, load_audio
-from orpo.data.schema import PreferenceSample, language_field, parse_transcripts
+from orpo.data.schema import ASR_TEXT_KEYS, PreferenceSample, language_field, parse_transcripts
 from orpo.errors import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -121,16 +121,25 @@ def read_hf_dataset(
     config_name: str | None = None,
     audio_column: str = "audio",
     chosen_column: str = "chosen",
-    rejected_column: str = "rejected",
+    rejected_column: str | None = "rejected",
     language_column: str | None = None,
 ) -> list[PreferenceSample]:
-    """Check every row of a Hugging Face dataset and return it as preference samples."""
+    """Check every row of a Hugging Face dataset and return it as preference samples; ``rejected_column`` None:
+    plain ASR data, its reference in a "text" (or "sentence") column, nothing rejected."""
     from datasets import Audio
 
     dataset, label, base = _open_dataset(spec, split, config_name)
     columns = list(dataset.column_names)
     language_key = language_column or ("language" if "language" in columns else None)
     needed = [(audio_column, "audio_column"), (chosen_column, "chosen_column"), (rejected_column, "rejected_column")]
+    if rejected_column is None:
+        chosen_column = next((c for c in ASR_TEXT_KEYS if c in columns), None)
+        if chosen_column is None:
+            raise ManifestError(
+                f"{label}: no column 'text' or 'sentence' (columns: {', '.join(columns)}); plain ASR data gives "
+                "each clip's reference transcript in one of them"
+            )
+        needed = [(audio_column, "audio_column")]
     if language_column:
         needed.append((language_column, "language_column"))
     for column, key in needed:

@@ -15,11 +15,17 @@ from pathlib import Path
 
 from orpo.config import DURATION_TOLERANCE
 from orpo.data.audio import audio_durations
-from orpo.data.schema import AsrSample, PreferenceSample, language_field, parse_transcripts, text_field
+from orpo.data.schema import (
+    ASR_TEXT_KEYS,
+    AsrSample,
+    PreferenceSample,
+    language_field,
+    parse_transcripts,
+    text_field,
+)
 from orpo.errors import ManifestError
 
 MANIFEST_SUFFIXES = (".json", ".jsonl")
-ASR_TEXT_KEYS = ("text", "sentence")
 
 
 class _DuplicateKey(ValueError):

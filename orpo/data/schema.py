@@ -22,6 +22,8 @@ TIMESTAMP_STEP = 0.02  # seconds between Whisper timestamp tokens: <|0.00|>, <|0
 MAX_TIMESTAMP = 30.0
 # A segment may end this far past the clip's last sample (one timestamp step: times rounded up to it).
 SEGMENT_END_TOLERANCE = TIMESTAMP_STEP
+# Where plain ASR data (make-pairs input, regression_data) keeps its reference transcript, in order of preference.
+ASR_TEXT_KEYS = ("text", "sentence")
 
 
 @dataclass
@@ -168,16 +170,16 @@ def parse_transcripts(
     where: str,
     duration: float,
     chosen_key: str = "chosen",
-    rejected_key: str = "rejected",
+    rejected_key: str | None = "rejected",
     kind: str = "field",
 ) -> dict:
     """The chosen and rejected transcripts of one record, as PreferenceSample fields.
 
     ``chosen``/``rejected`` may hold plain text or segment lists; ``chosens``/``rejecteds`` (the key
     with an "s") hold segment lists. When both are given, the plain key gives the text and the "s" key
-    the segments, and they must hold the same number of transcripts.
+    the segments, and they must hold the same number of transcripts. ``rejected_key`` None: plain ASR data.
     """
-    chosen_segments_key, rejected_segments_key = chosen_key + "s", rejected_key + "s"
+    chosen_segments_key = chosen_key + "s"
 
     plain, timed = record.get(chosen_key), record.get(chosen_segments_key)
     if plain is None and timed is None:
@@ -192,6 +194,9 @@ def parse_transcripts(
     else:
         chosen, chosen_segments = _one_transcript(plain, chosen_key, where, duration, kind)
 
+    if rejected_key is None:  # plain ASR data (regression_data): a reference and nothing rejected
+        return {"chosen": chosen, "rejected": [], "chosen_segments": chosen_segments, "rejected_segments": None}
+    rejected_segments_key = rejected_key + "s"
     plain, timed = record.get(rejected_key), record.get(rejected_segments_key)
     if plain is None and timed is None:
         raise ManifestError(f"{where}: {kind} '{rejected_key}' is missing")

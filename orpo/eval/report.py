@@ -17,6 +17,9 @@ REPORT_ROWS = [
     ("loss", "eval/loss", False),
     ("rewards/accuracies", "rewards/accuracies", False),
     ("rewards/margins", "rewards/margins", False),
+    ("regression/wer", "regression WER", True),
+    ("regression/cer", "regression CER", True),
+    ("regression/language_accuracy", "regression language ID", True),
 ]
 
 
@@ -53,13 +56,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule] + [line(r) for r in rows])
 
 
+def report_rows(*results: dict | None) -> list[tuple[str, str, bool]]:
+    """:data:`REPORT_ROWS`, then the regression error rate of each language (``regression/wer/de``) found."""
+    per_language = sorted(
+        {key for r in results if r for key in r if key.startswith("regression/") and key.count("/") == 2}
+    )
+    return REPORT_ROWS + [
+        (key, f"regression {key.split('/')[1].upper()} ({key.split('/')[2]})", True) for key in per_language
+    ]
+
+
 def format_comparison(base: dict | None, tuned: dict | None) -> str:
     """A Markdown table of WER, CER, eval loss, reward accuracy and margin: base, tuned and change.
 
     Keys may carry the ``eval/`` prefix or not; rows neither side has are left out. With ``base`` None
     (no ``eval_before_train``) it is a one-column table of ``tuned``.
     """
-    present = [r for r in REPORT_ROWS if _metric(base, r[0]) is not None or _metric(tuned, r[0]) is not None]
+    present = [
+        r for r in report_rows(base, tuned) if _metric(base, r[0]) is not None or _metric(tuned, r[0]) is not None
+    ]
     if base is None:
         return _table(
             ["metric", "value"], [[label, _format_value(_metric(tuned, key), pct)] for key, label, pct in present]

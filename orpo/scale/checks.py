@@ -196,6 +196,16 @@ def check_adalora(cfg, where: str, stage: int) -> list[str]:
     ]
 
 
+def check_grad_share(cfg, where: str) -> list[str]:
+    if not cfg.log_grad_share:
+        return []
+    return [
+        f"{cfg.origin('log_grad_share')}: log_grad_share is true, but {where} runs DeepSpeed. The probe takes the "
+        "gradients of the NLL and of the odds-ratio term apart with torch.autograd.grad, which DeepSpeed's "
+        "partitioned parameters and gradient hooks do not support. Measure it under DDP or on one process."
+    ]
+
+
 def launch_problems(cfg, env=None) -> list[str]:
     """Every contradiction between the recipe and the launch configuration, as messages (empty: none)."""
     env = os.environ if env is None else env
@@ -210,7 +220,7 @@ def launch_problems(cfg, env=None) -> list[str]:
     problems += check_batch_numbers(cfg, ds, where, world=int(env.get("WORLD_SIZE", "1")))
     if stage == 3:
         problems += check_zero3(cfg, zero, where)
-    return problems + check_adalora(cfg, where, stage)
+    return problems + check_adalora(cfg, where, stage) + check_grad_share(cfg, where)
 
 
 def check_launch_config(cfg, env=None) -> None:

@@ -125,17 +125,20 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def logged_base_results(output_dir: str | Path) -> dict[str, float] | None:
-    """The base model's evaluation (``eval/...`` at step 0) from ``output_dir/metrics.jsonl``, if logged.
+    """The base model's evaluation (``eval/...`` and ``regression/...`` at step 0) from ``output_dir/metrics.jsonl``,
+    if logged.
 
-    A resumed run does not evaluate the base model again; this gives the comparison its base column back.
+    A resumed run does not evaluate the base model again; this gives the comparison its base column back, and
+    the forgetting guard its reference.
     """
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
     base = None
     for record in read_metrics(path):
-        if record["step"] == 0 and any(k.startswith("eval/") for k in record):
-            base = {k: v for k, v in record.items() if k.startswith("eval/")}
+        evaluated = {k: v for k, v in record.items() if k.startswith(("eval/", "regression/"))}
+        if record["step"] == 0 and evaluated:
+            base = evaluated
     return base
 
 

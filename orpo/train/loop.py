@@ -22,11 +22,12 @@ from transformers import WhisperConfig, get_scheduler
 
 from orpo.config import TrainConfig, config_to_dict
 from orpo.data.collate import PreferenceCollator
-from orpo.data.dataset import build_datasets
+from orpo.data.dataset import build_datasets, build_regression_dataset
 from orpo.data.sampling import LengthGroupedSampler, packed_lengths
 from orpo.errors import NonFiniteLossError, OutputDirError
 from orpo.eval.generate import EvaluationStopped
 from orpo.eval.preference import preference_metrics
+from orpo.eval.regression import RegressionEvaluator
 from orpo.eval.report import format_comparison, write_eval_results
 from orpo.eval.text import uses_cer
 from orpo.eval.wer import WerEvaluator
@@ -37,7 +38,7 @@ from orpo.model.load import check_hardware, load_processor, load_whisper, save_a
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
 from orpo.model.peft import adapter_hooks, apply_peft
 from orpo.scale.checks import check_launch_config
-from orpo.scale.launch import build_accelerator, launch_prefix, uses_deepspeed
+from orpo.scale.launch import build_accelerator, launch_prefix, unwrap_model, uses_deepspeed
 from orpo.scale.zero3 import consolidated_whisper, fill_deepspeed_config, param_ndim, whole_model_loading
 from orpo.train.checkpoint import (
     check_checkpoint_files,
@@ -49,6 +50,8 @@ from orpo.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from orpo.train.forgetting import ForgettingGuard
+from orpo.train.grad_share import gradient_share
 from orpo.train.logs import MetricsLog, TrainLog, check_trackers, init_trackers, logged_base_results
 from orpo.train.plots import plot_training_curves
 from orpo.train.run_folder import RunLock, check_output_dir, move_earlier_run
@@ -102,6 +105,7 @@ class ORPOTrainer:
         self.stop = StopSignal()
         self.pending = []  # this optimizer step's micro-batches: (loss, per-clip metrics, sample indices)
         self.grad_norm = None
+        self.last_batch = None  # the step's last micro-batch, for log_grad_share
         self.train_log = None
         self.lock = RunLock(self.output_dir)
 
@@ -166,8 +170,16 @@ class ORPOTrainer:
         self.processor = load_processor(cfg.base_model)
         self.model_config = WhisperConfig.from_pretrained(cfg.base_model)
         self.train_set, self.test_set, self.tokens = build_datasets(cfg, self.processor, self.model_config)
+        self.regression_set = (
+            build_regression_dataset(cfg, self.processor.feature_extractor, self.tokens)
+            if cfg.regression_data
+            else None
+        )
         logger.info(
-            "training clips: %d, evaluation clips: %d", len(self.train_set), len(self.test_set) if self.test_set else 0
+            "training clips: %d, evaluation clips: %d%s",
+            len(self.train_set),
+            len(self.test_set) if self.test_set else 0,
+            f", regression clips: {len(self.regression_set)}" if self.regression_set else "",
         )
         collator = PreferenceCollator(pad_token_id=self.tokens.eot)
         self.worker_init = ignore_stop_signals if cfg.num_workers > 0 else None
@@ -240,6 +252,11 @@ class ORPOTrainer:
         if self.test_loader is not None:
             self.test_loader = accelerator.prepare(self.test_loader)
             self.wer_eval = WerEvaluator.from_config(cfg, self.test_set, accelerator, worker_init_fn=self.worker_init)
+        self.regression_eval = None
+        if self.regression_set is not None:
+            self.regression_eval = RegressionEvaluator.from_config(
+                cfg, self.regression_set, accelerator, worker_init_fn=self.worker_init
+            )
         # Stepped by hand once per optimizer step: a prepared scheduler would step once per process.
         self.scheduler = get_scheduler(
             cfg.lr_scheduler_type,
@@ -261,6 +278,7 @@ class ORPOTrainer:
         self.selection = (
             ModelSelection(self.cfg, self.test_uses_cer(), self.resumed.get("best")) if selection_on(self.cfg) else None
         )
+        self.guard = ForgettingGuard.from_config(self.cfg)
         if self.resume_dir is None:
             return
         check_checkpoint_files(
@@ -281,6 +299,8 @@ class ORPOTrainer:
             self.resumed["step_in_epoch"],
         )
         self.base_results = logged_base_results(self.output_dir)
+        self.guard.set_base(self.base_results or {})
+        self.guard.over_limit = list(self.resumed.get("regression_over_limit", []))
 
     # ----------------------------------------------------------------------------------------------
     # train
@@ -297,8 +317,8 @@ class ORPOTrainer:
             accelerator.distributed_type.value,
             cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
         )
-        if self.test_loader is not None and cfg.eval_before_train and state.global_step == 0:
-            self.base_results = self.evaluate(tag="base", compare_beams=True)
+        if state.global_step == 0 and (cfg.eval_before_train or self.regression_eval is not None):
+            self.base_results = self.evaluate_base()
             self.log.write(0, self.base_results)
         self.progress = tqdm(
             total=self.total_steps,
@@ -349,6 +369,8 @@ class ORPOTrainer:
             loss = self.adapters.regularise(loss, per_clip)
             accelerator.backward(loss)  # on every process even when non-finite: DDP's all-reduce needs all
         self.pending.append((loss.detach(), per_clip, batch["sample_index"]))
+        if self.cfg.log_grad_share:
+            self.last_batch = batch
 
     def finish_optimizer_step(self) -> bool:
         """The one all-reduce of the step (a non-finite loss or a stop signal on any process), clipping, then
@@ -433,6 +455,8 @@ class ORPOTrainer:
         metrics["skipped_nonfinite"] = state.skipped_total
         if self.grad_norm is not None and math.isfinite(float(self.grad_norm)):
             metrics["grad_norm"] = float(self.grad_norm)
+        if self.cfg.log_grad_share and self.last_batch is not None:
+            metrics.update(self.grad_share())
         if "loss" in metrics:
             self.progress.set_postfix(
                 loss=f"{metrics['loss']:.4f}",
@@ -441,9 +465,33 @@ class ORPOTrainer:
             )
         self.log.write(state.global_step, metrics)
 
+    def grad_share(self) -> dict[str, float]:
+        """The odds-ratio term's share of the gradient on this step's last micro-batch (after the update),
+        averaged over processes (:mod:`orpo.train.grad_share`)."""
+        accelerator = self.accelerator
+        share = gradient_share(
+            unwrap_model(self.model, accelerator), self.last_batch, self.cfg.alpha, accelerator.autocast()
+        )
+        names = sorted(share)
+        values = torch.stack([share[name] for name in names]).to(accelerator.device)
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, values.tolist()))
+
+    def evaluate_base(self) -> dict[str, float]:
+        """The base model, before the first step: the whole evaluation with ``eval_before_train``, else the
+        regression set alone; the forgetting guard measures every later change from it."""
+        if self.cfg.eval_before_train:
+            results = self.evaluate(tag="base", compare_beams=True)
+        else:
+            results = self.regression_eval(self.model, tag="base")
+        self.guard.set_base(results)
+        return results
+
     def evaluate(self, tag: str = "tuned", compare_beams: bool = False, stop=None) -> dict[str, float]:
         """Eval loss and preference metrics, then WER/CER of generated transcripts, on the whole test set; with
-        ``compare_beams`` (the base and final evaluations) also WER/CER at ``compare_num_beams`` (``wer_beamN``).
+        ``compare_beams`` (the base and final evaluations) also WER/CER at ``compare_num_beams`` (``wer_beamN``);
+        with ``regression_data`` the regression set's metrics and their change from the base model.
         ``stop`` (:meth:`stop_agreed`) ends it between batches with :class:`EvaluationStopped`."""
         metrics = preference_metrics(self.model, self.test_loader, self.accelerator, self.cfg.alpha, stop=stop)
         metrics.update(self.wer_eval(self.model, tag=tag, stop=stop))
@@ -451,6 +499,8 @@ class ORPOTrainer:
         if compare_beams and beams > 0:
             beam_metrics = self.wer_eval(self.model, tag=f"{tag}_beam{beams}", num_beams=beams, stop=stop)
             metrics.update({f"{key}_beam{beams}": value for key, value in beam_metrics.items()})
+        if self.regression_eval is not None:
+            metrics.update(self.guard.add_change(self.regression_eval(self.model, tag=tag, stop=stop)))
         return metrics
 
     def stop_agreed(self) -> bool:
@@ -459,18 +509,24 @@ class ORPOTrainer:
         return float(self.accelerator.reduce(flag, reduction="sum")) > 0
 
     def select(self, step: int, metrics: dict[str, float]) -> None:
-        """Model selection: the evaluation at this checkpoint step may be the best; early stopping may end the run
-        (after this step's checkpoint, which ``save_steps == eval_steps`` makes sure of)."""
-        if self.selection is None:
-            return
-        self.selection.update(step, metrics, checkpoint_name(step))
-        if self.selection.out_of_patience():
-            self.early_stopped = self.selection.stop_reason(step)
+        """Model selection and the forgetting guard: the evaluation at this checkpoint step may be the best
+        (unless its regression rose past ``max_regression`` and ``load_best_model_at_end`` excludes it); early
+        stopping or, without ``load_best_model_at_end``, such a regression ends the run."""
+        over_limit = self.guard.rose_too_far(step, metrics)
+        if self.selection is not None:
+            candidate = not (over_limit and self.guard.exclude)
+            self.selection.update(step, metrics, checkpoint_name(step), candidate=candidate)
+            if self.selection.out_of_patience():
+                self.early_stopped = self.selection.stop_reason(step)
+        if over_limit and not self.guard.exclude:
+            self.early_stopped = self.guard.stop(step)
+        if self.early_stopped:
             logger.warning("%s; the run ends here", self.early_stopped)
 
     def save_checkpoint(self) -> Path:
         record = self.state.record(self.accelerator, self.total_steps, self.settings)
         keep = None
+        record["regression_over_limit"] = self.guard.over_limit
         if self.selection is not None:
             record["best"] = self.selection.best.record()
             keep = self.selection.best.checkpoint
@@ -530,37 +586,57 @@ class ORPOTrainer:
         """The final model's evaluation, logged and written to eval_results.json. With ``load_best_model_at_end``
         and an earlier checkpoint better than the final weights, that checkpoint becomes the final model and is
         evaluated in its place."""
-        accelerator, step = self.accelerator, self.state.global_step
+        step = self.state.global_step
         results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
         self.log.write(step, results)
-        best = None
+        over_limit = self.guard.rose_too_far(step, results)
         if self.selection is not None:
-            self.selection.update(step, results, None)  # the final weights are a candidate too
-            best = self.selection.best
-            if self.cfg.load_best_model_at_end and best.checkpoint is not None:
-                load_checkpoint(accelerator, self.output_dir / best.checkpoint)
-                self.save_model(merge=False)
-                results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
-            logger.info(
-                "best %s: %.4g at step %d (%s)%s",
-                best.metric,
-                best.value,
-                best.step,
-                best.checkpoint or "the final weights",
-                "; the final model is that one" if self.cfg.load_best_model_at_end else "",
-            )
-        if accelerator.is_main_process:
-            extra = {"best_model": best.record()} if best is not None else {}
-            if self.early_stopped:
-                extra["early_stopped"] = self.early_stopped
-            write_eval_results(
-                self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples(), **extra
-            )
-            if self.base_results:
-                logger.info(
-                    "base vs tuned on %s:\n%s", self.cfg.test_data, format_comparison(self.base_results, results)
-                )
+            # the final weights are a candidate too (unless the forgetting guard rules them out)
+            self.selection.update(step, results, None, candidate=not (over_limit and self.guard.exclude))
+            results = self.load_best(results)
+        if self.accelerator.is_main_process:
+            self.write_results(results)
         return results
+
+    def load_best(self, results: dict[str, float]) -> dict[str, float]:
+        """With ``load_best_model_at_end``, the best checkpoint becomes the final model (saved, evaluated again);
+        the closing log names the best evaluation either way."""
+        best = self.selection.best
+        if best.step is None:
+            logger.warning(
+                "no evaluation was a candidate for the best model (each rose past max_regression, or its %s was not "
+                "a number); the final model is the last one",
+                best.metric,
+            )
+            return results
+        if self.cfg.load_best_model_at_end and best.checkpoint is not None:
+            load_checkpoint(self.accelerator, self.output_dir / best.checkpoint)
+            self.save_model(merge=False)
+            results = self.evaluate(compare_beams=True, stop=self.stop_agreed)
+        logger.info(
+            "best %s: %.4g at step %d (%s)%s",
+            best.metric,
+            best.value,
+            best.step,
+            best.checkpoint or "the final weights",
+            "; the final model is that one" if self.cfg.load_best_model_at_end else "",
+        )
+        return results
+
+    def write_results(self, results: dict[str, float]) -> None:
+        """eval_results.json (metrics, base, per-clip texts, the best model, early stop, forgetting guard) and the
+        base-versus-tuned table in the log."""
+        extra = {}
+        if self.selection is not None:
+            extra["best_model"] = self.selection.best.record()
+        if self.early_stopped:
+            extra["early_stopped"] = self.early_stopped
+        if self.regression_eval is not None:
+            extra["forgetting_guard"] = self.guard.report()
+            extra["regression_samples"] = self.regression_eval.samples()
+        write_eval_results(self.output_dir, results, base=self.base_results, samples=self.wer_eval.samples(), **extra)
+        if self.base_results:
+            logger.info("base vs tuned on %s:\n%s", self.cfg.test_data, format_comparison(self.base_results, results))
 
     def say_stopped(self, what: str) -> None:
         """The closing message of a run a stop signal ended, in the log and on the console."""

@@ -1,9 +1,11 @@
 """Training curves from ``output_dir/metrics.jsonl``: ``plot_training_curves(output_dir)`` -> training_curves.png.
 
 Panels: loss, NLL loss, reward margin, reward accuracy (training records as lines, ``eval/...`` records as
-markers on the same axes), eval WER/CER, and the learning rate. Records are ``{"step": N, "loss": ...}``
-(training) and ``{"step": N, "eval/loss": ...}`` (evaluation; step 0 is the base model when
-``eval_before_train`` is set). A step logged twice (a resumed run appends) keeps its latest value.
+markers on the same axes), WER/CER of the test set and of ``regression_data``, and the learning rate; when
+logged, the regression set's language identification accuracy and the odds-ratio term's gradient share.
+Records are ``{"step": N, "loss": ...}`` (training) and ``{"step": N, "eval/loss": ...}`` (evaluation; step 0
+is the base model when ``eval_before_train`` or ``regression_data`` is set). A step logged twice (a resumed run
+appends) keeps its latest value.
 
 Also a command: ``whisper-orpo plot OUTPUT_DIR`` (or ``python -m orpo.plots OUTPUT_DIR``).
 """
@@ -25,7 +27,14 @@ PANELS = [
 ]
 ERROR_RATE_LABEL = "error rate (WER, CER)"
 LEARNING_RATE_LABEL = "learning rate"
-TRAIN_COLOR, EVAL_COLOR, CER_COLOR = "tab:blue", "tab:orange", "tab:green"
+TRAIN_COLOR, EVAL_COLOR, CER_COLOR, REGRESSION_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:brown"
+# (key, label, colour, marker) of the error-rate panel's series
+ERROR_RATE_SERIES = [
+    ("eval/wer", "eval WER", EVAL_COLOR, "o"),
+    ("eval/cer", "eval CER", CER_COLOR, "s"),
+    ("regression/wer", "regression WER", REGRESSION_COLOR, "^"),
+    ("regression/cer", "regression CER", "tab:olive", "v"),
+]
 
 
 def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -87,17 +96,36 @@ def _metric_panel(ax, records: list[dict], title, train_key, eval_key, percent, 
 
 
 def _error_rate_panel(ax, records: list[dict]) -> None:
-    wer_steps, wer = series(records, "eval/wer")
-    cer_steps, cer = series(records, "eval/cer")
-    if wer_steps:
-        ax.plot(wer_steps, wer, color=EVAL_COLOR, marker="o", label="eval WER")
-        _annotate_ends(ax, wer_steps, wer, True, EVAL_COLOR)
-    if cer_steps:
-        ax.plot(cer_steps, cer, color=CER_COLOR, marker="s", label="eval CER")
-        _annotate_ends(ax, cer_steps, cer, True, CER_COLOR)
-    if wer_steps or cer_steps:
-        ax.set_ylim(0, 1.15 * max(wer + cer) or 1.0)
-    _finish(ax, "eval error rate (generated transcripts)", ERROR_RATE_LABEL, bool(wer_steps or cer_steps), True)
+    """Test-set WER/CER and, with ``regression_data``, the regression set's (the forgetting guard's) beside them."""
+    shown = []
+    for key, label, color, marker in ERROR_RATE_SERIES:
+        steps, values = series(records, key)
+        if steps:
+            ax.plot(steps, values, color=color, marker=marker, label=label)
+            _annotate_ends(ax, steps, values, True, color)
+            shown += values
+    if shown:
+        ax.set_ylim(0, 1.15 * max(shown) or 1.0)
+    _finish(ax, "error rate (generated transcripts)", ERROR_RATE_LABEL, bool(shown), True)
+
+
+def _language_id_panel(ax, records: list[dict]) -> None:
+    steps, values = series(records, "regression/language_accuracy")
+    ax.plot(steps, values, color=REGRESSION_COLOR, marker="o", label="regression language ID accuracy")
+    _annotate_ends(ax, steps, values, True, REGRESSION_COLOR)
+    ax.set_ylim(-0.05, 1.05)
+    _finish(ax, "language identification (regression set)", "clips whose language the model detects", True, True)
+
+
+def _grad_share_panel(ax, records: list[dict]) -> None:
+    """How much of the update the odds-ratio term makes: its gradient norm over the NLL's (log_grad_share)."""
+    steps, values = series(records, "grad_share/odds_ratio")
+    ax.plot(steps, values, color="tab:red", label="|grad odds-ratio term| / |grad NLL|")
+    cos_steps, cosines = series(records, "grad_cosine")
+    if cos_steps:
+        ax.plot(cos_steps, cosines, color="tab:gray", linestyle=":", label="cosine of the two gradients")
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    _finish(ax, "odds-ratio term's share of the gradient", "ratio of gradient norms; cosine", True)
 
 
 def _learning_rate_panel(ax, records: list[dict]) -> None:
@@ -109,17 +137,31 @@ def _learning_rate_panel(ax, records: list[dict]) -> None:
 
 
 def training_curves_figure(records: list[dict], title: str):
-    """The six panels of ``records`` (metrics.jsonl) in a matplotlib Figure (Agg: no display, no pyplot state)."""
+    """The six panels of ``records`` (metrics.jsonl) in a matplotlib Figure (Agg: no display, no pyplot state),
+    and a third row for language identification and the odds-ratio term's gradient share when they were logged."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    optional = [
+        draw
+        for key, draw in (
+            ("regression/language_accuracy", _language_id_panel),
+            ("grad_share/odds_ratio", _grad_share_panel),
+        )
+        if series(records, key)[0]
+    ]
+    rows = 3 if optional else 2
+    fig = Figure(figsize=(15, 4.25 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3).ravel()
+    axes = fig.subplots(rows, 3).ravel()
     for ax, panel in zip(axes, PANELS):
         _metric_panel(ax, records, *panel)
     _error_rate_panel(axes[4], records)
     _learning_rate_panel(axes[5], records)
+    for ax, draw in zip(axes[6:], optional):
+        draw(ax, records)
+    for ax in axes[6 + len(optional) :]:
+        ax.set_visible(False)
     fig.suptitle(title + ("" if records else " (no records yet)"))
     return fig
 

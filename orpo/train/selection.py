@@ -115,8 +115,9 @@ class ModelSelection:
         gain = value - self.best.value if self.greater else self.best.value - value
         return gain > self.threshold
 
-    def update(self, step: int, metrics: dict[str, float], checkpoint: str | None) -> bool:
-        """Count the evaluation at ``step`` (saved as ``checkpoint``); whether it is the new best."""
+    def update(self, step: int, metrics: dict[str, float], checkpoint: str | None, candidate: bool = True) -> bool:
+        """Count the evaluation at ``step`` (saved as ``checkpoint``); whether it is the new best. One that is no
+        ``candidate`` (the forgetting guard ruled it out) counts as an evaluation without improvement."""
         if self.name not in metrics:
             raise ConfigError(
                 f"metric_for_best_model {self.name!r} was not logged by the evaluation at step {step} (logged: "
@@ -124,7 +125,7 @@ class ModelSelection:
                 key="metric_for_best_model",
             )
         value = float(metrics[self.name])
-        if self.improves(value):
+        if candidate and self.improves(value):
             self.best = Best(self.name, value, step, checkpoint, 0)
             logger.info("step %d: new best %s = %.4g", step, self.name, value)
             return True
