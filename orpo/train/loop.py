@@ -317,7 +317,8 @@ class ORPOTrainer:
             accelerator.distributed_type.value,
             cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
         )
-        if state.global_step == 0 and (cfg.eval_before_train or self.regression_eval is not None):
+        base_wanted = cfg.eval_before_train or self.regression_eval is not None
+        if self.test_loader is not None and base_wanted and state.global_step == 0:
             self.base_results = self.evaluate_base()
             self.log.write(0, self.base_results)
         self.progress = tqdm(
