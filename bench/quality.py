@@ -88,6 +88,8 @@ def recipe(args, model_dir: Path, data_dir: Path, alpha: float, first: bool) -> 
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=32,
+        # The longest reference is about 25 tokens: 64 bounds a hallucinating beam without cutting any right one.
+        generation_max_length=64,
         freeze_encoder=args.freeze_encoder,
         seed=args.seed,
         logging_steps=args.logging_steps,
@@ -317,7 +319,8 @@ def write_report(args, rows: list[dict], data_dir: Path, seconds: float, picture
             f"{counts[MODELS[args.model][4]]} regression clips (`bench/quality_set.py`). {args.steps} optimizer steps "
             f"of {args.batch} clips, learning rate {args.learning_rate:g} (linear, warmup), seed {args.seed}, "
             f"{'encoder frozen, ' if args.freeze_encoder else ''}evaluated every {args.eval_steps} steps; the best "
-            "checkpoint by test WER is the final model. Every row: same data, steps, hyperparameters and seed; "
+            "checkpoint by test WER is the final model; transcripts of at most 64 tokens. Every row: same data, "
+            "steps, hyperparameters and seed; "
             "only alpha differs.",
             "",
             "**What this set is, and is not**: synthetic speech (espeak-ng voices and speeds, with noise and gain), "

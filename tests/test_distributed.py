@@ -84,17 +84,29 @@ def test_two_processes_follow_single_process_trajectory(tiny_model_dir, tmp_path
 def test_two_processes_select_the_same_best_step(tiny_model_dir, tmp_path):
     """Model selection on the all-process metric: the same best checkpoint with one process and with two, loaded
     at the end as the final model. The margins grow as the model trains, so asking for the lowest (an inverted
-    direction) makes an early checkpoint the best one and the load of its state under DDP is exercised."""
+    direction) makes an early checkpoint the best one and the load of its state under DDP is exercised. A
+    regression set of 7 clips in two languages (uneven shards) gives the same base-model regression metrics."""
     manifest = write_manifest(tmp_path / "data", count=8)
+    clips = [json.loads(line) for line in manifest.read_text().splitlines()][:7]
+    regression = tmp_path / "data" / "regression.jsonl"
+    regression.write_text(
+        "".join(
+            json.dumps({**c, "text": c["chosen"], "language": ("English", "German")[i % 2]}) + "\n"
+            for i, c in enumerate(clips)
+        )
+    )
     selection = ("--test_data", str(manifest), "--eval_steps", "1", "--save_steps", "1", "--save_total_limit", "1")
+    selection += ("--regression_data", str(regression))
     selection += ("--load_best_model_at_end", "true", "--metric_for_best_model", "eval/rewards/margins")
     selection += ("--greater_is_better", "false", "--generation_max_length", "8")
-    best = {}
+    best, base = {}, {}
     for processes, batch in ((1, 4), (2, 2)):
         output_dir = tmp_path / f"run{processes}"
         records = launch(output_dir, processes, batch, tiny_model_dir, manifest, selection)
         margins = [r["eval/rewards/margins"] for r in records if "eval/rewards/margins" in r][:6]  # steps 1-6
         best[processes] = json.loads((output_dir / "eval_results.json").read_text())["best_model"]
+        base[processes] = {k: v for k, v in records[0].items() if k.startswith("regression/")}
+        assert records[0]["step"] == 0 and {"regression/wer/en", "regression/language_accuracy"} <= set(base[processes])
         assert best[processes]["value"] == pytest.approx(min(margins), rel=RELATIVE_TOLERANCE)
         assert best[processes]["checkpoint"] is not None, "the final weights won: nothing was loaded"
         final = load_file(str(output_dir / "model.safetensors"))
@@ -105,3 +117,4 @@ def test_two_processes_select_the_same_best_step(tiny_model_dir, tmp_path):
             if name.removeprefix("whisper.") in final
         )
     assert best[1]["step"] == best[2]["step"] and best[1]["checkpoint"] == best[2]["checkpoint"]
+    assert base[1] == base[2]  # every regression clip counted once, whatever the shards

@@ -11,6 +11,7 @@ import jiwer
 import pytest
 import torch
 from conftest import save_tiny_whisper, write_manifest
+from test_selection import config as selection_config
 from test_selection import final_weights_equal
 from trainer_helpers import manifest, model_dir, read_metrics  # noqa: F401 (fixtures)
 from transformers import WhisperForConditionalGeneration
@@ -71,20 +72,9 @@ def base_transcripts(model_dir, manifest, folder) -> str:  # noqa: F811
 
 
 def config(model_dir, manifest, output_dir, regression, **overrides) -> TrainConfig:  # noqa: F811
-    values = dict(
-        base_model=str(model_dir),
-        train_data=str(manifest),
-        test_data=str(manifest),
-        regression_data=regression,
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=2,
-        logging_steps=1,
-        eval_steps=2,
-        generation_max_length=12,
-        report_to=[],
-    )
-    return TrainConfig(**{**values, **overrides})
+    """test_selection's recipe with a regression set: 6 steps, an evaluation every 2, no selection unless asked."""
+    values = dict(max_steps=6, eval_steps=2, save_steps=0, load_best_model_at_end=False, generation_max_length=12)
+    return selection_config(model_dir, manifest, output_dir, regression_data=regression, **{**values, **overrides})
 
 
 def test_max_regression_stops_a_run_whose_regression_wer_is_forced_up(model_dir, manifest, tmp_path):  # noqa: F811
