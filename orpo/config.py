@@ -291,8 +291,9 @@ class TrainConfig(Config):
     regression_split: str = _key("test", "Split of a Hugging Face dataset given as regression_data.")
     max_regression: Optional[float] = _key(
         None,
-        "Most regression/wer may rise above the base model's, in absolute WER points (2.0: a WER of 0.10 may become 0.12). Over "
-        "it the run stops cleanly; with load_best_model_at_end such evaluations are never selected instead.",
+        "Most regression/wer may rise above the base model's, in absolute WER points (2.0: a WER of 0.10 may "
+        "become 0.12). Over it the run stops cleanly; with load_best_model_at_end such evaluations are never "
+        "selected instead.",
     )
     log_grad_share: bool = _key(
         False,
