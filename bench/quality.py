@@ -295,12 +295,13 @@ def plot(runs: dict[float, Path], path: Path) -> None:
     fig = Figure(figsize=(16, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    for alpha, run in runs.items():
+    for k, (alpha, run) in enumerate(runs.items()):
         records = read_metrics(run / "metrics.jsonl")
+        color = f"C{k}"  # one colour per row in every panel
         for ax, key in zip(axes[:2], ("eval/wer", "regression/wer")):
-            ax.plot(*series(records, key), marker="o", label=row_name(alpha))
+            ax.plot(*series(records, key), marker="o", color=color, label=row_name(alpha))
         if alpha > 0:
-            axes[2].plot(*series(records, "grad_share/odds_ratio"), label=row_name(alpha))
+            axes[2].plot(*series(records, "grad_share/odds_ratio"), color=color, label=row_name(alpha))
     titles = ("test WER (greedy)", "regression WER (greedy)", "|alpha grad L_OR| / |grad NLL| (log_grad_share)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
