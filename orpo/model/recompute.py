@@ -8,6 +8,11 @@ input and recomputed in backward. No matrix product is recomputed, and the resul
 
 :func:`observe_saved_tensors` reports every tensor that autograd actually keeps for backward, with or
 without selective recomputation; the benchmark and the tests measure activation memory with it.
+
+Both pack hooks hand autograd a detached alias (same storage, no ``grad_fn``), never the saved tensor itself:
+a node's own output saved as itself would make the node and the tensor hold each other, a cycle in C++ that
+no garbage collector breaks, so a graph dropped without a backward pass (a measurement, an aborted step)
+would stay in memory for good.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def selective_recompute(modules: list[nn.Module]) -> Iterator[None]:
         if entry is not None and entry[0]() is base:
             return _Recompute(entry[1], entry[2], saved, base)
         report_kept(saved)
-        return saved
+        return saved.detach()
 
     def unpack(packed):
         return packed.rebuild() if isinstance(packed, _Recompute) else packed
@@ -98,7 +103,7 @@ def observe_saved_tensors(observer: Callable[[torch.Tensor], None]) -> Iterator[
 
     def pack(saved: torch.Tensor):
         report_kept(saved)
-        return saved
+        return saved.detach()
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
