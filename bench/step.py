@@ -1,23 +1,27 @@
 """ORPO step benchmark: our one-pass step against the two-pass reference, side by side in one run.
 
-    python bench/step.py --model-size small --batch 1 2 4
-    python bench/step.py --model-size small --batch 4 --tokens 120
+    python bench/step.py --model-size small --batch 1 --rejected 1 2 4 --tokens 40
+    python bench/step.py --model-size small --batch 1 --tokens 40 120 220
     python bench/step.py --model-size small large-v3 --batch 1 4 --device cuda --dtype bfloat16
 
 Randomly initialised Whisper models of the real shapes, 30 s clips (3000 mel frames), a chosen
-transcript of ``--tokens`` tokens and a rejected one 3 tokens shorter, after the 4-token prefix. For
-each setting every variant runs on identical inputs, in alternating order, ``--repeats`` times; the
-median is reported. Measured per variant:
+transcript of ``--tokens`` tokens and K rejected ones (``--rejected``) of 3, 6, … tokens fewer, after
+the 4-token prefix. Every variant runs on identical inputs. Measured per variant:
 
-* activation memory: bytes kept for backward (parameters and inputs excluded), through saved-tensor
-  hooks (``orpo.recompute.observe_saved_tensors``); with ``--profile-memory`` on CPU also the bytes
-  still allocated after the forward (torch profiler, an independent count); on CUDA
-  ``torch.cuda.max_memory_allocated`` over the step;
-* step time: forward + backward;
-* the loss, which must equal the reference's.
+* activation memory, once (it does not vary): bytes kept for backward (parameters and inputs excluded)
+  through saved-tensor hooks (``orpo.model.recompute.observe_saved_tensors``); with ``--profile-memory``
+  on CPU also the bytes still allocated after the forward (torch profiler, an independent count); on
+  CUDA ``torch.cuda.max_memory_allocated`` over the step. Beside it the analytic floor of the shape
+  (``bench/floor.py``);
+* step time (forward + backward) in strictly alternating repeats, two-pass, one-pass, …, two-pass, …:
+  the median and the spread, and per repeat the ratio to the two-pass step of the same round, beside the
+  ratio of FLOPs counted from the config (``bench/floor.py``);
+* the loss, which must equal the reference's;
+* the process's in-use heap after each repeat (glibc ``mallinfo2``, or CUDA's allocated bytes): the
+  benchmark stops with an error if it grows, since a leak would distort every later measurement.
 
 Prints a table and, last, one line of JSON with the ratios (ours / two-pass) per setting;
-``--write-results`` also writes bench/RESULTS.md.
+``--write-results`` also appends the table to bench/RESULTS.md with the command above it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -37,19 +42,23 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from floor import Shape, Step, activation_floor_bytes, step_flops  # noqa: E402
 
 from orpo.data.collate import PreferenceCollator  # noqa: E402
 from orpo.loss import orpo_loss  # noqa: E402
-from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.model.orpo_whisper import ORPOWhisper  # noqa: E402
 from orpo.model.recompute import SavedBytes, observe_saved_tensors  # noqa: E402
 from orpo.model.reference import two_pass_forward  # noqa: E402
 
 SHAPES = {  # d_model, layers, heads, ffn, mel bins, vocabulary
-    "tiny": (384, 4, 6, 1536, 80, 51865),
-    "base": (512, 6, 8, 2048, 80, 51865),
-    "small": (768, 12, 12, 3072, 80, 51865),
-    "medium": (1024, 24, 16, 4096, 80, 51865),
-    "large-v3": (1280, 32, 20, 5120, 128, 51866),
+    "test": Shape(64, 2, 2, 256, 80, 51865),  # for the tests and dry runs: seconds on a CPU
+    "tiny": Shape(384, 4, 6, 1536, 80, 51865),
+    "base": Shape(512, 6, 8, 2048, 80, 51865),
+    "small": Shape(768, 12, 12, 3072, 80, 51865),
+    "medium": Shape(1024, 24, 16, 4096, 80, 51865),
+    "large-v3": Shape(1280, 32, 20, 5120, 128, 51866),
 }
 EOT, SOT, EN, TRANSCRIBE, NO_TIMESTAMPS = 50257, 50258, 50259, 50359, 50363
 VARIANTS = [
@@ -60,20 +69,21 @@ VARIANTS = [
     "one-pass+checkpointing",
     "two-pass+checkpointing",
 ]
+HEAP_GROWTH_LIMIT = 0.25  # of one step's saved bytes, over all repeats of a setting
 
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> WhisperForConditionalGeneration:
-    d_model, layers, heads, ffn, mels, vocab = SHAPES[size]
+    shape = SHAPES[size]
     config = WhisperConfig(
-        vocab_size=vocab,
-        d_model=d_model,
-        encoder_layers=layers,
-        decoder_layers=layers,
-        encoder_attention_heads=heads,
-        decoder_attention_heads=heads,
-        encoder_ffn_dim=ffn,
-        decoder_ffn_dim=ffn,
-        num_mel_bins=mels,
+        vocab_size=shape.vocab,
+        d_model=shape.d_model,
+        encoder_layers=shape.layers,
+        decoder_layers=shape.layers,
+        encoder_attention_heads=shape.heads,
+        decoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn,
+        decoder_ffn_dim=shape.ffn,
+        num_mel_bins=shape.mels,
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
@@ -83,13 +93,20 @@ def build_model(size: str, device: str, dtype: torch.dtype) -> WhisperForConditi
     return WhisperForConditionalGeneration(config).to(device=device, dtype=dtype).train()
 
 
-def build_batch(batch_size: int, tokens: int, mels: int, device: str, dtype: torch.dtype, seed: int) -> dict:
+def rejected_lengths(tokens: int, rejected: int) -> list[int]:
+    """K rejected transcripts, 3, 6, … tokens shorter than the chosen one."""
+    return [tokens - 3 * k for k in range(1, rejected + 1)]
+
+
+def build_batch(
+    batch_size: int, tokens: int, rejected: int, mels: int, device: str, dtype: torch.dtype, seed: int
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
     prefix = [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]
     clips = []
     for index in range(batch_size):
         segments = []
-        for length in (tokens, tokens - 3):
+        for length in [tokens, *rejected_lengths(tokens, rejected)]:
             text = torch.randint(0, 50256, (length,), generator=gen).tolist()
             segments.append((prefix + text + [EOT], len(prefix)))
         clips.append(
@@ -129,8 +146,27 @@ def forward(model, batch: dict, variant: str) -> torch.Tensor:
     return loss
 
 
-def measure(model, batch: dict, variant: str, device: str, profile_memory: bool) -> dict:
-    """Activation memory, step time and loss of one variant, one repeat."""
+def heap_in_use(device: str) -> int:
+    """Bytes the process holds in use right now: CUDA's allocated bytes, or glibc's heap in use (small
+    blocks plus mmap'ed ones; read-only, nothing is tuned). Independent of what the OS reports as RSS."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks")
+            + ("fordblks", "keepcost")
+        ]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def measure_memory(model, batch: dict, variant: str, device: str, profile_memory: bool) -> dict:
+    """Activation bytes kept for backward and the loss of one variant (a forward, no backward)."""
     result = {}
     with variant_settings(model, variant):
         saved = SavedBytes([*model.parameters(), *batch.values()])
@@ -144,14 +180,20 @@ def measure(model, batch: dict, variant: str, device: str, profile_memory: bool)
                 loss = forward(model, batch, variant)
             result["retained_bytes"] = sum(e.self_cpu_memory_usage for e in prof.events())
             del loss, prof
+    return result
+
+
+def time_step(model, batch: dict, variant: str, device: str) -> dict:
+    """Seconds of one forward + backward of one variant, and on CUDA its peak memory above the start."""
+    result = {}
+    with variant_settings(model, variant):
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start_memory = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        loss = forward(model, batch, variant)
-        loss.backward()
+        forward(model, batch, variant).backward()
         if device == "cuda":
             torch.cuda.synchronize()
             result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - start_memory
@@ -160,71 +202,110 @@ def measure(model, batch: dict, variant: str, device: str, profile_memory: bool)
     return result
 
 
-def run_setting(
-    model,
-    size: str,
-    batch_size: int,
-    tokens: int,
-    variants: list[str],
-    repeats: int,
-    device: str,
-    dtype: torch.dtype,
-    profile_memory: bool,
-) -> dict:
-    mels = SHAPES[size][4]
-    batch = build_batch(batch_size, tokens, mels, device, dtype, seed=batch_size * 1000 + tokens)
+def measure(model, batch: dict, variant: str, device: str, profile_memory: bool = False) -> dict:
+    """One whole measurement of one variant: its memory, then one timed step."""
+    return measure_memory(model, batch, variant, device, profile_memory) | time_step(model, batch, variant, device)
+
+
+def check_heap(heap: list[int], saved_bytes: int, what: str) -> None:
+    growth = heap[-1] - heap[0]
+    if growth > HEAP_GROWTH_LIMIT * saved_bytes:
+        raise RuntimeError(
+            f"{what}: in-use memory grew by {growth / 2**20:,.0f} MiB over {len(heap)} repeats (one step keeps "
+            f"{saved_bytes / 2**20:,.0f} MiB): something keeps the steps' graphs alive, and later figures would "
+            "be distorted; find the reference that holds them"
+        )
+
+
+def run_setting(model, size: str, setting: dict, variants: list[str], repeats: int, device: str, dtype) -> dict:
+    """Memory once per variant, then ``repeats`` rounds of timed steps, every variant once per round."""
+    batch_size, tokens, rejected = setting["batch"], setting["tokens"], setting["rejected"]
+    seed = batch_size * 1000 + tokens * 10 + rejected
+    batch = build_batch(batch_size, tokens, rejected, SHAPES[size].mels, device, dtype, seed)
     forward(model, batch, "one-pass").backward()  # warm-up
     model.zero_grad(set_to_none=True)
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for repeat in range(repeats):
-        order = variants if repeat % 2 == 0 else list(reversed(variants))
-        for variant in order:
-            runs[variant].append(measure(model, batch, variant, device, profile_memory))
+    results = {v: measure_memory(model, batch, v, device, setting["profile_memory"]) for v in variants}
+    heap = []
+    for _ in range(repeats):
+        for variant in variants:
+            step = time_step(model, batch, variant, device)
+            results[variant].setdefault("seconds_per_repeat", []).append(step["seconds"])
+            if "cuda_peak_bytes" in step:
+                results[variant]["cuda_peak_bytes"] = max(
+                    step["cuda_peak_bytes"], results[variant].get("cuda_peak_bytes", 0)
+                )
+        gc.collect()
+        heap.append(heap_in_use(device))
+    check_heap(heap, results["two-pass"]["saved_bytes"], f"{size}, {setting}")
+    return results
+
+
+def summarise(size: str, setting: dict, results: dict, dtype: torch.dtype) -> dict:
+    """Per variant: memory and its ratio, the floor, time median and spread, paired time ratios, FLOP ratio."""
+    shape = SHAPES[size]
+    step = Step.of(setting["batch"], setting["tokens"], rejected_lengths(setting["tokens"], setting["rejected"]))
+    reference = results["two-pass"]
+    floor = activation_floor_bytes(shape, step, torch.finfo(dtype).bits // 8)
     summary = {}
-    for variant, results in runs.items():
-        summary[variant] = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    for variant, values in results.items():
+        seconds = values["seconds_per_repeat"]
+        paired = [s / r for s, r in zip(seconds, reference["seconds_per_repeat"])]
+        entry = {
+            "saved_bytes": values["saved_bytes"],
+            "activation_memory": values["saved_bytes"] / reference["saved_bytes"],
+            "floor_bytes": floor,
+            "floor_memory": floor / reference["saved_bytes"],
+            "seconds_median": statistics.median(seconds),
+            "seconds_min": min(seconds),
+            "seconds_max": max(seconds),
+            "step_time": statistics.median(paired),
+            "step_time_min": min(paired),
+            "step_time_max": max(paired),
+            "flops": step_flops(shape, step, variant) / step_flops(shape, step, "two-pass"),
+            "loss_rel_diff": abs(values["loss"] - reference["loss"]) / abs(reference["loss"]),
+        }
+        for key in ("retained_bytes", "cuda_peak_bytes"):
+            if key in values:
+                entry[key] = values[key]
+                entry[key.replace("_bytes", "_memory")] = values[key] / reference[key]
+        summary[variant] = entry
     return summary
 
 
-def ratio_table(size: str, batch_size: int, tokens: int, summary: dict) -> tuple[list[str], dict]:
-    reference = summary["two-pass"]
-    rows, ratios = [], {}
-    for variant, values in summary.items():
-        memory = values["saved_bytes"] / reference["saved_bytes"]
-        seconds = values["seconds"] / reference["seconds"]
-        loss_gap = abs(values["loss"] - reference["loss"]) / abs(reference["loss"])
-        entry = {"activation_memory": round(memory, 4), "step_time": round(seconds, 4), "loss_rel_diff": loss_gap}
-        cells = [size, str(batch_size), str(tokens), variant, f"{values['saved_bytes'] / 2**20:,.0f}", f"{memory:.3f}"]
-        if "retained_bytes" in values:
-            retained = values["retained_bytes"] / reference["retained_bytes"]
-            entry["retained_memory"] = round(retained, 4)
-            cells += [f"{values['retained_bytes'] / 2**20:,.0f}", f"{retained:.3f}"]
-        if "cuda_peak_bytes" in values:
-            peak = values["cuda_peak_bytes"] / reference["cuda_peak_bytes"]
-            entry["cuda_peak_memory"] = round(peak, 4)
-            cells += [f"{values['cuda_peak_bytes'] / 2**20:,.0f}", f"{peak:.3f}"]
-        cells += [f"{values['seconds']:.3f}", f"{seconds:.3f}", f"{loss_gap:.1e}"]
+HEADER = ["model", "batch", "K", "tokens", "variant", "saved MiB", "× two-pass", "floor MiB", "floor × two-pass"]
+TIME_HEADER = ["step s: median (min–max)", "time × two-pass: median (min–max)", "FLOPs × two-pass", "loss rel diff"]
+
+
+def table_header(device: str, profile_memory: bool) -> list[str]:
+    extra = ["retained MiB", "× two-pass"] if device == "cpu" and profile_memory else []
+    extra = ["CUDA peak MiB", "× two-pass"] if device != "cpu" else extra
+    header = HEADER + extra + TIME_HEADER
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
+def table_rows(size: str, setting: dict, summary: dict) -> list[str]:
+    rows = []
+    for variant, e in summary.items():
+        cells = [size, str(setting["batch"]), str(setting["rejected"]), str(setting["tokens"]), variant]
+        cells += [f"{e['saved_bytes'] / 2**20:,.0f}", f"{e['activation_memory']:.3f}"]
+        cells += [f"{e['floor_bytes'] / 2**20:,.0f}", f"{e['floor_memory']:.3f}"]
+        for key in ("retained", "cuda_peak"):
+            if f"{key}_bytes" in e:
+                cells += [f"{e[f'{key}_bytes'] / 2**20:,.0f}", f"{e[f'{key}_memory']:.3f}"]
+        cells.append(f"{e['seconds_median']:.3f} ({e['seconds_min']:.3f}–{e['seconds_max']:.3f})")
+        cells.append(f"{e['step_time']:.3f} ({e['step_time_min']:.3f}–{e['step_time_max']:.3f})")
+        cells += [f"{e['flops']:.3f}", f"{e['loss_rel_diff']:.1e}"]
         rows.append("| " + " | ".join(cells) + " |")
-        if variant != "two-pass":
-            ratios[f"{size}/b{batch_size}/t{tokens}/{variant}"] = entry
-    return rows, ratios
+    return rows
 
 
-def return_freed_memory_to_the_system() -> None:
-    """glibc keeps freed activation-sized blocks in its heap, so the process grows run after run (seen: 13 GB
-    for whisper-small at batch 1). Serving large blocks with mmap returns them at once."""
-    if platform.system() == "Linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-
-
-def main() -> None:
-    return_freed_memory_to_the_system()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-size", nargs="+", default=["small"], choices=sorted(SHAPES))
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--model-size", nargs="+", default=["small"], choices=list(SHAPES))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--rejected", nargs="+", type=int, default=[1], help="rejected transcripts per clip (K)")
     parser.add_argument("--tokens", nargs="+", type=int, default=[40], help="chosen transcript length in tokens")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; every variant runs once per round")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -235,38 +316,41 @@ def main() -> None:
         help="CPU: also count the bytes still allocated after the forward with the torch profiler "
         "(an independent check of the hook count; slow and memory-hungry)",
     )
-    parser.add_argument("--write-results", action="store_true", help="write bench/RESULTS.md")
-    args = parser.parse_args()
+    parser.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    if min(args.tokens) - 3 * max(args.rejected) < 1:
+        parser.error(f"--tokens {min(args.tokens)} leaves no text for {max(args.rejected)} rejected transcripts")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["two-pass"] + [v for v in args.variants if v != "two-pass"]
     dtype = getattr(torch, args.dtype)
-
-    header = ["model", "batch", "tokens", "variant", "saved MiB", "× two-pass"]
-    if args.device == "cpu" and args.profile_memory:
-        header += ["retained MiB", "× two-pass"]
-    elif args.device != "cpu":
-        header += ["CUDA peak MiB", "× two-pass"]
-    header += ["step s", "× two-pass", "loss rel diff"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    all_ratios = {}
+    rows, all_ratios = table_header(args.device, args.profile_memory), {}
     for size in args.model_size:
         model = build_model(size, args.device, dtype)
         for tokens in args.tokens:
-            for batch_size in args.batch:
-                summary = run_setting(
-                    model, size, batch_size, tokens, variants, args.repeats, args.device, dtype, args.profile_memory
-                )
-                new_rows, ratios = ratio_table(size, batch_size, tokens, summary)
-                rows += new_rows
-                all_ratios.update(ratios)
-                print("\n".join(new_rows), flush=True)
+            for rejected in args.rejected:
+                for batch_size in args.batch:
+                    setting = {"batch": batch_size, "tokens": tokens, "rejected": rejected}
+                    setting["profile_memory"] = args.profile_memory
+                    results = run_setting(model, size, setting, variants, args.repeats, args.device, dtype)
+                    summary = summarise(size, setting, results, dtype)
+                    new_rows = table_rows(size, setting, summary)
+                    print("\n".join(new_rows), flush=True)
+                    rows += new_rows
+                    for variant, entry in summary.items():
+                        all_ratios[f"{size}/b{batch_size}/k{rejected}/t{tokens}/{variant}"] = entry
         del model
     table = "\n".join(rows)
     print(table)
     if args.write_results:
         write_results(table, args)
     print(json.dumps(all_ratios))
+    return all_ratios
 
 
 def machine() -> str:

@@ -8,15 +8,15 @@
 #   CPU only:               TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 #   a given CUDA version:   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 #   (one index per CUDA version, cuXYZ; see https://pytorch.org/get-started/locally/)
-# EXTRAS: the optional features (default dev,deepspeed,export: test tools, DeepSpeed, CTranslate2; as CI), e.g.
-#   EXTRAS=dev,deepspeed,quantization,export.
+# EXTRAS: the optional features (default dev,deepspeed,export,quantization: test tools, DeepSpeed, CTranslate2,
+#   bitsandbytes; as CI), e.g. EXTRAS=dev for the test tools alone.
 # PYTHON: the interpreter that makes the virtual environment (default python3).
 # FETCH_DEMO_MODEL=0 skips the last step, the demo model (the Docker image's dependency layer, which has no code yet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-dev,deepspeed,export}
+EXTRAS=${EXTRAS:-dev,deepspeed,export,quantization}
 FETCH_DEMO_MODEL=${FETCH_DEMO_MODEL:-1}
 
 step() { echo "==> $*"; }

@@ -74,7 +74,7 @@ def test_default_run_installs_then_fetches_the_demo_model_last(tmp_path):
         ["python3", "-m", "venv", ".venv"],
         ["python", "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
         ["python", "-m", "pip", "install", "torch==2.13.0"],  # not --quiet: pip's download progress shows
-        ["python", "-m", "pip", "install", "-e", ".[dev,deepspeed,export]"],
+        ["python", "-m", "pip", "install", "-e", ".[dev,deepspeed,export,quantization]"],
         ["whisper-orpo", "fetch-model", "tiny.en", "models/whisper-tiny.en"],
     ]
     assert any(import_check(c) for c in calls)
@@ -84,7 +84,7 @@ def test_default_run_installs_then_fetches_the_demo_model_last(tmp_path):
         "upgrading pip",
         "installing PyTorch (torch==2.13.0)",
         "installing whisper-orpo",
-        "[dev,deepspeed,export]",
+        "[dev,deepspeed,export,quantization]",
         "fetching the demo model",
     ):
         assert any(words in line for line in stages), (words, stages)
@@ -122,7 +122,7 @@ def test_fetch_demo_model_0_skips_the_fetch(tmp_path):
     result, calls = run_setup(tmp_path, FETCH_DEMO_MODEL="0")
     assert result.returncode == 0, result.stderr
     assert not any(c[0] == "whisper-orpo" for c in calls)
-    assert any(c[-1] == ".[dev,deepspeed,export]" for c in calls)
+    assert any(c[-1] == ".[dev,deepspeed,export,quantization]" for c in calls)
 
 
 @pytest.mark.parametrize("text", ["CUDA build", "download.pytorch.org/whl/cpu", "download.pytorch.org/whl/cu"])

@@ -48,12 +48,13 @@ def quantization_config(cfg: TrainConfig):
     return None
 
 
-def load_whisper(cfg: TrainConfig, device_index: int) -> WhisperForConditionalGeneration:
-    """The base model, in 8-bit or 4-bit through bitsandbytes when asked (CUDA only)."""
+def load_whisper(cfg: TrainConfig, device: int | str) -> WhisperForConditionalGeneration:
+    """The base model, in 8-bit or 4-bit through bitsandbytes when asked, then placed on ``device`` (a CUDA
+    index; ``"cpu"`` runs bitsandbytes' CPU backend, which ``bench/gpu.py --dry-run`` uses)."""
     if cfg.load_in_8bit or cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        kwargs = {"quantization_config": quantization_config(cfg), "device_map": {"": device_index}}
+        kwargs = {"quantization_config": quantization_config(cfg), "device_map": {"": device}}
         whisper = WhisperForConditionalGeneration.from_pretrained(cfg.base_model, **kwargs)
         whisper = prepare_model_for_kbit_training(
             whisper,
