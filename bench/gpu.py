@@ -49,7 +49,7 @@ from floor import Step, step_flops  # noqa: E402
 from step import SHAPES, build_batch, build_model, forward, rejected_lengths, variant_settings  # noqa: E402
 
 from orpo.config import TrainConfig  # noqa: E402
-from orpo.loss import orpo_loss  # noqa: E402
+from orpo.loss.orpo import orpo_loss  # noqa: E402
 from orpo.model.load import load_whisper  # noqa: E402
 from orpo.model.orpo_whisper import ORPOWhisper  # noqa: E402
 from orpo.model.peft import apply_peft  # noqa: E402

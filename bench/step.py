@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import Shape, Step, activation_floor_bytes, step_flops  # noqa: E402
 
 from orpo.data.collate import PreferenceCollator  # noqa: E402
-from orpo.loss import orpo_loss  # noqa: E402
+from orpo.loss.orpo import orpo_loss  # noqa: E402
 from orpo.model.orpo_whisper import ORPOWhisper  # noqa: E402
 from orpo.model.recompute import SavedBytes, observe_saved_tensors  # noqa: E402
 from orpo.model.reference import two_pass_forward  # noqa: E402

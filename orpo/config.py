@@ -169,11 +169,50 @@ class TrainConfig(Config):
     num_workers: int = _key(0, "DataLoader worker processes.")
 
     # Objective
-    alpha: float = _key(0.1, "Weight of the odds-ratio term (lambda in the ORPO paper, beta in TRL).")
+    loss_type: str = _key(
+        "orpo",
+        "Preference objective: orpo (NLL + odds ratio, reference-free), simpo (length-normalised margin), cpo "
+        "(sigmoid on summed log-probs + NLL), dpo or ipo (against the frozen base model as reference; see "
+        "docs/training.md). All use the same one encoder pass and one decoder pass per clip.",
+        choices=("orpo", "simpo", "cpo", "dpo", "ipo"),
+    )
+    alpha: float = _key(0.1, "ORPO: weight of the odds-ratio term (lambda in the ORPO paper, beta in TRL).")
+    beta: Optional[float] = _key(
+        None,
+        "simpo, cpo, dpo, ipo: the preference term's temperature (beta in their papers and TRL); if unset, 2.0 for "
+        "simpo (its paper), 0.1 for the others (TRL).",
+    )
+    simpo_gamma: float = _key(0.5, "simpo: the target reward margin gamma (TRL's simpo_gamma).")
+    cpo_alpha: float = _key(1.0, "cpo: weight of the chosen NLL beside the preference term (TRL's cpo_alpha).")
     disable_prompt_loss: bool = _key(
         True,
         "Leave the prefix tokens (<|lang|><|task|><|notimestamps|>) out of the chosen NLL. "
         "The odds ratio never counts them.",
+    )
+
+    # Pairs refreshed from the model during training
+    refresh_pairs_steps: int = _key(
+        0,
+        "Every N optimizer steps, the model as it is decodes training clips and its wrong hypotheses become their "
+        "rejected transcripts (0: off; the manifest's pairs throughout).",
+    )
+    refresh_clips: Optional[int] = _key(
+        None, "Training clips each refresh decodes, drawn without replacement (seeded); if unset, all of them."
+    )
+    refresh_mode: str = _key(
+        "nbest",
+        "How a refresh finds hypotheses: nbest (beam search's n-best list) or sample (temperature sampling).",
+        choices=("nbest", "sample"),
+    )
+    refresh_num_beams: int = _key(
+        5, "Hypotheses per clip at a refresh: the beam width and n-best length (nbest), or the samples drawn (sample)."
+    )
+    refresh_temperature: float = _key(1.0, "Sampling temperature of refresh_mode: sample.")
+    refresh_num_rejected: int = _key(
+        1, "Most wrong hypotheses a refresh keeps per clip as its rejected transcripts, hardest (best-scored) first."
+    )
+    refresh_keep_manifest_rejected: bool = _key(
+        False, "Keep the manifest's rejected transcripts beside the refreshed ones (else they are replaced)."
     )
 
     # Optimisation
@@ -353,6 +392,8 @@ class TrainConfig(Config):
                 raise ConfigError(f"{name} compares models on the test set: set test_data too", key=name)
         self.check_selection()
         self.check_regression()
+        self.check_objective()
+        self.check_refresh()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
         self.check_combinations()
@@ -370,6 +411,60 @@ class TrainConfig(Config):
                 f"save_steps equal to eval_steps (both > 0); got eval_steps {self.eval_steps}, save_steps "
                 f"{self.save_steps}",
                 key="save_steps",
+            )
+
+    def check_objective(self) -> None:
+        """The preference temperature and weights of the chosen loss_type."""
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}", key="beta")
+        for name in ("simpo_gamma", "cpo_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", key=name)
+        if self.log_grad_share and self.loss_type != "orpo":
+            raise ConfigError(
+                f"log_grad_share takes ORPO's two terms (NLL and odds ratio) apart; loss_type is {self.loss_type}",
+                key="log_grad_share",
+            )
+
+    def check_refresh(self) -> None:
+        """A refresh decodes plain-text hypotheses from the n-best list or samples, and for DPO/IPO needs the
+        reference model of the new pairs: the base model, which only LoRA keeps beside the trained one."""
+        if self.refresh_pairs_steps < 0:
+            raise ConfigError(
+                f"refresh_pairs_steps must be >= 0, got {self.refresh_pairs_steps}", key="refresh_pairs_steps"
+            )
+        for name in ("refresh_num_beams", "refresh_num_rejected"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        if self.refresh_clips is not None and self.refresh_clips < 1:
+            raise ConfigError(
+                f"refresh_clips must be >= 1 (or unset: all), got {self.refresh_clips}", key="refresh_clips"
+            )
+        if self.refresh_temperature <= 0:
+            raise ConfigError(
+                f"refresh_temperature must be > 0, got {self.refresh_temperature}", key="refresh_temperature"
+            )
+        if not self.refresh_pairs_steps:
+            return
+        if self.refresh_mode == "nbest" and self.refresh_num_beams < self.refresh_num_rejected:
+            raise ConfigError(
+                f"refresh_num_beams ({self.refresh_num_beams}) must be at least refresh_num_rejected "
+                f"({self.refresh_num_rejected}): the rejected transcripts come from the n-best list",
+                key="refresh_num_beams",
+            )
+        if self.timestamps:
+            raise ConfigError(
+                "refresh_pairs_steps decodes plain-text hypotheses, but timestamps: true trains on timed segments: "
+                "turn one of them off",
+                key="refresh_pairs_steps",
+            )
+        if self.loss_type in ("dpo", "ipo") and self.peft == "none":
+            raise ConfigError(
+                f"loss_type {self.loss_type} with refresh_pairs_steps needs the reference (base) model's log-probs of "
+                "each refreshed pair, computed when the pair is made: with peft: lora (or adalora) that is the same "
+                "network with its adapter switched off; a full fine-tune keeps no copy of the base model. Set peft: "
+                "lora, or use a reference-free loss_type (orpo, simpo, cpo)",
+                key="loss_type",
             )
 
     def check_regression(self) -> None:

@@ -52,7 +52,10 @@ def test_the_table_holds_five_rows_that_match_the_runs(model_dir, manifest, tmp_
     assert rows[2]["wer"] == results["eval/wer"] and rows[3]["wer"] == results["eval/wer_beam2"]
     assert rows[2]["logp_margin"] == pytest.approx(results["eval/logps/chosen"] - results["eval/logps/rejected"])
     sft = json.loads((output_dir / SFT_FOLDER / "eval_results.json").read_text())["metrics"]
-    assert rows[4]["wer"] == sft["eval/wer"] and rows[4]["preference_accuracy"] == sft["eval/rewards/accuracies"]
+    assert rows[4]["wer"] == sft["eval/wer"] and rows[4]["preference_accuracy"] == sft["eval/preference/accuracy"]
+    # ORPO's own accuracy and margin are the comparable ones (both from the average log-probs)
+    assert sft["eval/preference/accuracy"] == pytest.approx(sft["eval/rewards/accuracies"])
+    assert results["eval/preference/margin"] == pytest.approx(results["eval/rewards/margins"] / 0.1)
     sft_config = (output_dir / SFT_FOLDER / "config.yaml").read_text()
     assert "alpha: 0.0" in sft_config and "max_steps: 3" in sft_config and "seed: 42" in sft_config
     # Two different trainings: with alpha 0 the odds-ratio term is gone, so the weights differ.
@@ -68,11 +71,11 @@ def test_the_table_holds_five_rows_that_match_the_runs(model_dir, manifest, tmp_
 
 
 def test_rows_without_a_base_evaluation_or_baseline():
-    tuned = {"eval/wer": 0.25, "eval/rewards/accuracies": 0.75, "eval/logps/chosen": -1.0, "eval/logps/rejected": -2.5}
-    rows = quality_rows(None, tuned, None, alpha=0.5, beams=0)
-    assert [(r["model"], r["wer"], r["logp_margin"]) for r in rows] == [
-        ("base", None, None),
-        ("ORPO (alpha 0.5)", 0.25, 1.5),
+    tuned = {"eval/wer": 0.25, "eval/preference/accuracy": 0.75, "eval/preference/margin": 1.5}
+    rows = quality_rows(None, tuned, None, tuned_name="SimPO (beta 2, gamma 0.5)", beams=0)
+    assert [(r["model"], r["wer"], r["preference_accuracy"], r["logp_margin"]) for r in rows] == [
+        ("base", None, None, None),
+        ("SimPO (beta 2, gamma 0.5)", 0.25, 0.75, 1.5),
     ]
     table = format_quality_table(rows)
     assert "| base" in table and "25.00%" in table and "1.5000" in table

@@ -61,3 +61,26 @@ def test_demo_recipe_trains_and_the_model_transcribes(tiny_en_dir, tmp_path):
         references.append(item["chosen"].lower())
     assert all(h.strip() for h in hypotheses)
     assert jiwer.wer(references, hypotheses) < 0.6, list(zip(references, hypotheses))
+
+
+def test_demo_with_pairs_refreshed_from_tiny_en(tiny_en_dir, tmp_path):
+    """Real tiny.en on the demo clips with refresh_pairs_steps: the pairs of each refresh are written, the
+    on-policy training WER is logged, and the run finishes."""
+    output_dir = tmp_path / "refresh"
+    command = [sys.executable, "train.py", "--config", "recipes/demo.yaml", "--base_model", str(tiny_en_dir)]
+    command += ["--output_dir", str(output_dir), "--max_steps", "5", "--refresh_pairs_steps", "2"]
+    command += ["--refresh_clips", "8", "--refresh_num_rejected", "2", "--per_device_eval_batch_size", "8"]
+    command += ["--test_data", "none", "--eval_before_train", "false", "--compare_num_beams", "0"]
+    command += ["--compare_sft", "false", "--logging_steps", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "refresh pairs (step 2)" in result.stderr, "no progress bar for the refresh"
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    refreshes = [r for r in records if "refresh/wer" in r]
+    assert [r["step"] for r in refreshes] == [2, 4]
+    assert all(r["refresh/clips_decoded"] == 8 and 0 <= r["refresh/wer"] < 1 for r in refreshes)
+    demo = {json.loads(line)["chosen"] for line in (ROOT / "examples/demo/train.jsonl").read_text().splitlines()}
+    for step in (2, 4):
+        pairs = [json.loads(line) for line in (output_dir / "pairs" / f"step-{step}.jsonl").read_text().splitlines()]
+        assert len(pairs) == 32 and {p["chosen"] for p in pairs} == demo
+    print("on-policy training WER at steps 2 and 4:", [round(r["refresh/wer"], 4) for r in refreshes])

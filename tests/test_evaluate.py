@@ -257,7 +257,7 @@ def test_logged_base_results_for_a_resumed_run(tmp_path):
 
 
 def direct_preference_metrics(whisper, processor, manifest, alpha):
-    from orpo.loss import orpo_loss
+    from orpo.loss.orpo import orpo_loss
     from orpo.model.orpo_whisper import ORPOWhisper
 
     tokens = WhisperTokens(processor.tokenizer, True, "transcribe", False, 448)

@@ -23,7 +23,7 @@ from orpo.data.dataset import build_regression_dataset, load_regression_samples
 from orpo.data.normalize import TextNormalizer
 from orpo.data.tokens import WhisperTokens
 from orpo.eval.regression import RegressionEvaluator, language_token_ids
-from orpo.loss import orpo_loss
+from orpo.loss.orpo import orpo_loss
 from orpo.model.load import load_processor
 from orpo.model.orpo_whisper import ORPOWhisper
 from orpo.train.grad_share import gradient_share

@@ -6,7 +6,7 @@ import mpmath
 import pytest
 import torch
 
-from orpo.loss import MAX_AVG_LOGP, log1mexp, orpo_loss
+from orpo.loss.orpo import MAX_AVG_LOGP, log1mexp, orpo_loss
 
 TRL_METRICS = {
     "loss",

@@ -13,8 +13,9 @@ from orpo.data.dataset import PreferenceDataset
 from orpo.data.manifest import read_asr_manifest, read_manifest
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ManifestError
+from orpo.eval.nbest import Scorer
 from orpo.make_pairs import main
-from orpo.pairs.make_pairs import NBestDecoder, Scorer, make_pairs, skipped_path
+from orpo.pairs.make_pairs import NBestDecoder, make_pairs, skipped_path
 
 EOT, SOT, EN, DE, TRANSCRIBE, NO_TIMESTAMPS = 50257, 50258, 50259, 50261, 50359, 50363
 

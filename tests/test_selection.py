@@ -17,7 +17,9 @@ from trainer_helpers import manifest, model_dir, read_metrics  # noqa: F401 (fix
 
 import orpo.train.loop
 from orpo.config import TrainConfig
-from orpo.loss import METRIC_NAMES, orpo_loss
+from orpo.loss.objective import LOSS_TYPES, Objective
+from orpo.loss.orpo import ORPO_METRIC_NAMES, orpo_loss
+from orpo.loss.pairs import COMPARABLE_METRIC_NAMES
 from orpo.train.loop import train
 from orpo.train.selection import GREATER_IS_BETTER, ModelSelection, greater_is_better
 
@@ -137,8 +139,11 @@ def test_every_logged_preference_metric_has_a_known_direction():
     _, per_clip = orpo_loss(
         torch.tensor([-1.0]), torch.tensor([[-2.0]]), torch.tensor([[True]]), torch.tensor([1.0]), alpha=0.1
     )
-    assert set(per_clip) == set(METRIC_NAMES)
-    assert set(GREATER_IS_BETTER) == {f"eval/{name}" for name in METRIC_NAMES} | {"eval/wer", "eval/cer"}
+    assert set(per_clip) == set(ORPO_METRIC_NAMES)
+    logged = {"eval/wer", "eval/cer"} | {f"eval/{name}" for name in COMPARABLE_METRIC_NAMES}
+    for loss_type in LOSS_TYPES:  # ORPO's names include every other objective's
+        logged |= {f"eval/{name}" for name in Objective(loss_type).metric_names}
+    assert set(GREATER_IS_BETTER) == logged
     cfg = TrainConfig(test_data="t.jsonl", eval_steps=1, save_steps=1, load_best_model_at_end=True)
     assert greater_is_better(cfg, "eval/wer") is False and greater_is_better(cfg, "eval/rewards/accuracies") is True
     cfg.greater_is_better = True

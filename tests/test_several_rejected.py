@@ -13,7 +13,7 @@ from orpo.data.collate import PreferenceCollator
 from orpo.data.dataset import PreferenceDataset
 from orpo.data.manifest import read_manifest
 from orpo.data.tokens import WhisperTokens
-from orpo.loss import orpo_loss
+from orpo.loss.orpo import orpo_loss
 from orpo.model.orpo_whisper import ORPOWhisper
 from orpo.model.reference import two_pass_forward
 

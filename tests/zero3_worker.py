@@ -42,7 +42,7 @@ def main() -> None:
     from orpo.config import TrainConfig
     from orpo.data.collate import PreferenceCollator
     from orpo.data.dataset import build_datasets
-    from orpo.loss import orpo_loss
+    from orpo.loss.orpo import orpo_loss
     from orpo.model.load import load_processor, load_whisper, save_final_model
     from orpo.model.orpo_whisper import ORPOWhisper
     from orpo.model.peft import apply_peft

@@ -22,6 +22,7 @@ from orpo.data.tokens import WhisperTokens
 from orpo.eval.preference import preference_metrics
 from orpo.eval.report import format_comparison, write_eval_results
 from orpo.eval.wer import WerEvaluator
+from orpo.loss.objective import Objective
 from orpo.model.orpo_whisper import ORPOWhisper
 from orpo.scale.launch import build_accelerator
 
@@ -67,7 +68,8 @@ def evaluate_model(cfg: EvaluateConfig) -> None:
         DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=PreferenceCollator(pad_token_id=tokens.eot))
     )
     orpo_model = ORPOWhisper(whisper, disable_prompt_loss=bool(run.get("disable_prompt_loss", True)))
-    metrics = preference_metrics(orpo_model, loader, accelerator, alpha)
+    # ORPO's preference metrics whatever the run's loss_type: reference-free, so any two models compare
+    metrics = preference_metrics(orpo_model, loader, accelerator, Objective(alpha=alpha))
     evaluator = WerEvaluator(dataset, accelerator, cfg.batch_size, cfg.num_beams, cfg.max_length)
     metrics = {**evaluator(whisper), **metrics}
     if accelerator.is_main_process:

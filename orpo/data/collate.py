@@ -34,6 +34,24 @@ def pack_segments(segments: list[tuple[list[int], int]]) -> dict[str, list[int]]
     return row
 
 
+def decoder_rows(clips_segments: list[list[tuple[list[int], int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The padded decoder tensors of a batch: one packed row per clip (:func:`pack_segments`)."""
+    rows = [pack_segments(segments) for segments in clips_segments]
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(key, value, dtype):
+        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows], dtype=dtype)
+
+    return {
+        "decoder_input_ids": pad("input_ids", pad_token_id, torch.long),
+        "labels": pad("labels", IGNORE_INDEX, torch.long),
+        "position_ids": pad("positions", 0, torch.long),
+        "segment_ids": pad("segment_ids", -1, torch.long),
+        "transcript_mask": pad("transcript", False, torch.bool),
+        "num_segments": torch.tensor([len(segments) for segments in clips_segments], dtype=torch.long),
+    }
+
+
 class PreferenceCollator:
     """Stacks log-mel features and packs each clip's transcripts into one padded decoder row."""
 
@@ -41,20 +59,9 @@ class PreferenceCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [pack_segments(f["segments"]) for f in features]
-        width = max(len(r["input_ids"]) for r in rows)
-
-        def pad(key, value, dtype):
-            return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows], dtype=dtype)
-
         return {
             "input_features": torch.from_numpy(np.stack([f["input_features"] for f in features])),
-            "decoder_input_ids": pad("input_ids", self.pad_token_id, torch.long),
-            "labels": pad("labels", IGNORE_INDEX, torch.long),
-            "position_ids": pad("positions", 0, torch.long),
-            "segment_ids": pad("segment_ids", -1, torch.long),
-            "transcript_mask": pad("transcript", False, torch.bool),
-            "num_segments": torch.tensor([len(f["segments"]) for f in features], dtype=torch.long),
+            **decoder_rows([f["segments"] for f in features], self.pad_token_id),
             "sample_index": torch.tensor([f["index"] for f in features], dtype=torch.long),
         }
 

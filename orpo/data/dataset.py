@@ -6,8 +6,9 @@ dataset) and applies augmentation to the training split only.
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -86,24 +87,39 @@ class PreferenceDataset(torch.utils.data.Dataset):
             )
         if not kept:
             raise ManifestError(f"no clip is within [{min_len}, {max_len}] s; check min_audio_len/max_audio_len")
-        self.items = []
-        normalizer = TextNormalizer()
-        for sample in kept:
-            language = sample.language or (default_language if tokens.multilingual else None)
-            check_pair_differs(sample, normalizer, language)
-            segments = []
-            for field_name, transcript in self._transcripts(sample, tokens.timestamps):
-                try:
-                    ids, prefix_len = tokens.sequence(language, transcript)
-                except ValueError as err:
-                    raise ManifestError(f"{sample.source}: {err}") from None
-                if len(ids) - 1 > tokens.max_length:
-                    raise ManifestError(
-                        f"{sample.source}: field '{field_name}' is {len(ids) - 1} tokens long; "
-                        f"the model's decoder takes at most {tokens.max_length}"
-                    )
-                segments.append((ids, prefix_len))
-            self.items.append(EncodedSample(sample, segments, language))
+        self.default_language = default_language
+        self.normalizer = TextNormalizer()
+        self.items = [self.encode(sample) for sample in kept]
+
+    def encode(self, sample: PreferenceSample) -> EncodedSample:
+        """A checked sample tokenised: its pairs must differ, and every transcript fit the decoder."""
+        tokens = self.tokens
+        language = sample.language or (self.default_language if tokens.multilingual else None)
+        check_pair_differs(sample, self.normalizer, language)
+        segments = []
+        for field_name, transcript in self._transcripts(sample, tokens.timestamps):
+            try:
+                ids, prefix_len = tokens.sequence(language, transcript)
+            except ValueError as err:
+                raise ManifestError(f"{sample.source}: {err}") from None
+            if len(ids) - 1 > tokens.max_length:
+                raise ManifestError(
+                    f"{sample.source}: field '{field_name}' is {len(ids) - 1} tokens long; "
+                    f"the model's decoder takes at most {tokens.max_length}"
+                )
+            segments.append((ids, prefix_len))
+        return EncodedSample(sample, segments, language)
+
+    def replace_rejected(self, index: int, rejected: list[str]) -> None:
+        """Clip ``index`` with other (plain-text) rejected transcripts, checked and tokenised as a manifest's are."""
+        sample = replace(self.items[index].sample, rejected=list(rejected), rejected_segments=None)
+        self.items[index] = self.encode(sample)
+
+    def without_augmentation(self) -> "PreferenceDataset":
+        """The same clips and pairs (the same item list: a later change shows in both) with the clean audio."""
+        view = copy.copy(self)
+        view.augment = None
+        return view
 
     @staticmethod
     def _transcripts(sample: PreferenceSample, timestamps: bool) -> list[tuple[str, str | list[Segment]]]:

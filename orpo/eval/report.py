@@ -96,27 +96,26 @@ def error_rate_key(results: dict) -> str:
     return "wer" if _metric(results, "wer") is not None else "cer"
 
 
-def quality_rows(base: dict | None, tuned: dict, sft: dict | None, alpha: float, beams: int) -> list[dict]:
-    """The rows of the closing quality table: base and tuned, greedy and (``beams`` > 0) beam search, and the
-    plain fine-tuning baseline (``sft``, greedy) when it ran. Preference accuracy is the share of test pairs
-    whose chosen transcript has the higher average log-prob, and the margin their mean log-prob gap: neither
-    depends on alpha, so the rows compare alike."""
+def quality_rows(base: dict | None, tuned: dict, sft: dict | None, tuned_name: str, beams: int) -> list[dict]:
+    """The rows of the closing quality table: base and tuned (``tuned_name``: its objective), greedy and
+    (``beams`` > 0) beam search, and the plain fine-tuning baseline (``sft``, greedy) when it ran. Preference
+    accuracy is the share of test pairs whose chosen transcript has the higher average log-prob, and the margin
+    their mean average-log-prob gap: neither depends on the objective, so the rows compare alike."""
     rate = error_rate_key(tuned)
     decodings = [("greedy", rate)] + ([(f"beam {beams}", f"{rate}_beam{beams}")] if beams > 0 else [])
-    models = [("base", base, decodings), (f"ORPO (alpha {alpha:g})", tuned, decodings)]
+    models = [("base", base, decodings), (tuned_name, tuned, decodings)]
     if sft is not None:
         models.append(("plain fine-tuning (alpha 0)", sft, decodings[:1]))
     rows = []
     for name, results, model_decodings in models:
-        chosen, rejected = _metric(results, "logps/chosen"), _metric(results, "logps/rejected")
         for decoding, key in model_decodings:
             rows.append(
                 {
                     "model": name,
                     "decoding": decoding,
                     rate: _metric(results, key),
-                    "preference_accuracy": _metric(results, "rewards/accuracies"),
-                    "logp_margin": None if chosen is None or rejected is None else chosen - rejected,
+                    "preference_accuracy": _metric(results, "preference/accuracy"),
+                    "logp_margin": _metric(results, "preference/margin"),
                 }
             )
     return rows

@@ -1,4 +1,6 @@
-"""Whisper with an ORPO forward: the encoder once per clip, one decoder pass over all transcripts.
+"""Whisper with a one-pass preference forward: the encoder once per clip, one decoder pass over all transcripts.
+
+It returns what every objective of :mod:`orpo.loss` is computed from (the name keeps the first of them).
 
 The collator packs a clip's chosen and rejected transcripts into one decoder row (block-causal
 attention, positions restarting per segment), so cross-attention keys and values are computed once
@@ -7,9 +9,9 @@ full float32 logits never exist for the whole batch.
 
 Which tokens count (labels are the decoder inputs shifted left; logit k scores label k):
 
-* the odds ratio uses the average log-prob over transcript tokens only: the text and
-  ``<|endoftext|>``. The prefix ``<|lang|><|task|><|notimestamps|>`` is the same for chosen and
-  rejected and would only dilute the contrast; ``<|startoftranscript|>`` is never a label.
+* every preference term uses the log-prob of the transcript tokens only (their average, or their sum
+  for ``cpo`` and ``dpo``): the text and ``<|endoftext|>``. The prefix ``<|lang|><|task|><|notimestamps|>``
+  is the same for chosen and rejected and would only dilute the contrast; ``<|startoftranscript|>`` is never a label.
 * the NLL is the mean negative log-prob of the chosen transcript's tokens: with
   ``disable_prompt_loss: true`` (the default) the same transcript tokens, with ``false`` the prefix
   tokens after ``<|startoftranscript|>`` as well.
@@ -120,7 +122,8 @@ def block_causal_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype
 
 
 def segment_statistics(token_logps: torch.Tensor, batch: dict, disable_prompt_loss: bool) -> dict[str, torch.Tensor]:
-    """Per-clip average log-probs of each transcript and the chosen NLL from (B, L) token log-probs.
+    """Per-clip average log-probs of each transcript, their token counts (an objective on summed log-probs
+    multiplies the two) and the chosen NLL, from (B, L) token log-probs.
 
     ``token_logps`` holds log p(label) at every labelled position of the packed rows (0 elsewhere).
     """
@@ -129,7 +132,8 @@ def segment_statistics(token_logps: torch.Tensor, batch: dict, disable_prompt_lo
     slots = int(num_segments.max())
     in_slot = segment_ids[..., None] == torch.arange(slots, device=segment_ids.device)
     counted = (in_slot & transcript[..., None]).to(token_logps.dtype)
-    average = (token_logps[..., None] * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+    tokens = counted.sum(dim=1)
+    average = (token_logps[..., None] * counted).sum(dim=1) / tokens.clamp(min=1)
 
     scored = (labels != IGNORE_INDEX) & (segment_ids == 0)
     if disable_prompt_loss:
@@ -143,6 +147,8 @@ def segment_statistics(token_logps: torch.Tensor, batch: dict, disable_prompt_lo
         "logps_rejected": average[:, 1:],
         "rejected_mask": rejected_slots[None, :] < (num_segments[:, None] - 1),
         "nll_chosen": nll,
+        "tokens_chosen": tokens[:, 0],
+        "tokens_rejected": tokens[:, 1:],
     }
 
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import jiwer
 import torch
 from tqdm.auto import tqdm
 from transformers import WhisperForConditionalGeneration
@@ -44,8 +43,7 @@ from orpo.data.manifest import read_asr_manifest
 from orpo.data.schema import AsrSample
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ConfigError, ManifestError
-from orpo.eval.generate import generate, generation_config
-from orpo.eval.text import TextNormalizer, uses_cer
+from orpo.eval.nbest import Scorer, nbest_config, nbest_hypotheses
 from orpo.model.load import load_processor
 
 logger = logging.getLogger(__name__)
@@ -68,16 +66,13 @@ def skipped_path(out: Path) -> Path:
 
 
 class NBestDecoder:
-    """Beam-search n-best lists from a Whisper model, from a given decoder prefix (:mod:`orpo.eval.generate`)."""
+    """Beam-search n-best lists from a Whisper model, from a given decoder prefix (:mod:`orpo.eval.nbest`)."""
 
     def __init__(self, model, processor, num_beams: int, max_new_tokens: int | None = None):
         self.model = model.eval()
         self.processor = processor
-        self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
-        self.generation_config = generation_config(
-            model, processor.tokenizer, num_beams, nbest=True, suppress_timestamps=True
-        )
+        self.generation_config = nbest_config(model, processor.tokenizer, num_beams)
 
     @torch.no_grad()
     def __call__(self, samples: list[AsrSample], prefix: list[int]) -> list[list[str]]:
@@ -88,62 +83,9 @@ class NBestDecoder:
         prompt = torch.tensor([prefix] * len(samples), dtype=torch.long)
         limit = self.model.config.max_target_positions
         max_length = min(len(prefix) + self.max_new_tokens, limit) if self.max_new_tokens else limit
-        out = generate(self.model, features, prompt, self.generation_config, max_length)
-        texts = self.processor.tokenizer.batch_decode(out.sequences[:, len(prefix) :], skip_special_tokens=True)
-        scores = out.sequences_scores.tolist()
-        n = self.num_beams
-        results = []
-        for i in range(len(samples)):
-            group = sorted(
-                zip(scores[i * n : (i + 1) * n], range(n), texts[i * n : (i + 1) * n]), key=lambda t: (-t[0], t[1])
-            )
-            results.append([text.strip() for _, _, text in group])
-        return results
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scoring and choosing the rejected hypotheses
-
-
-class Scorer:
-    """Normalise as Whisper does and measure error rates (WER, or CER for unspaced languages).
-
-    After Whisper's normaliser (that of :mod:`orpo.eval.text`), words without a letter or digit are
-    dropped: ``EnglishTextNormalizer`` turns a trailing "..." into a stray "." word, which is not a
-    transcription mistake and must not make a hypothesis "wrong".
-    """
-
-    def __init__(self):
-        self._normalize = TextNormalizer()
-        self.uses_cer = uses_cer
-
-    def normalize(self, text: str, language: str | None) -> str:
-        normalized = self._normalize(text, language)
-        if self.uses_cer(language):
-            return normalized
-        return " ".join(w for w in normalized.split() if any(c.isalnum() for c in w))
-
-    def error_rate(self, reference: str, hypothesis: str, language: str | None) -> tuple[str, float]:
-        kind = "cer" if self.uses_cer(language) else "wer"
-        ref, hyp = self.normalize(reference, language), self.normalize(hypothesis, language)
-        if not ref:
-            return kind, 0.0 if not hyp else 1.0
-        return kind, float(jiwer.cer(ref, hyp) if kind == "cer" else jiwer.wer(ref, hyp))
-
-    def wrong_hypotheses(self, reference: str, hypotheses: list[str], language: str | None, keep: int) -> list[str]:
-        """Up to ``keep`` hypotheses (best first) that differ from the reference and from each other after
-        normalisation; empty hypotheses never count."""
-        ref = self.normalize(reference, language)
-        seen, wrong = {ref}, []
-        for hypothesis in hypotheses:
-            norm = self.normalize(hypothesis, language)
-            if not hypothesis.strip() or norm in seen:
-                continue
-            seen.add(norm)
-            wrong.append(hypothesis.strip())
-            if len(wrong) == keep:
-                break
-        return wrong
+        tokenizer = self.processor.tokenizer
+        lists = nbest_hypotheses(self.model, features, prompt, tokenizer, self.generation_config, max_length)
+        return [[text for text, _ in hypotheses] for hypotheses in lists]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The closing quality table of a run: base and tuned model, greedy and beam search, and, with
 ``compare_sft``, the same recipe trained with ``alpha: 0`` (plain fine-tuning on the chosen transcripts).
 
-Plain fine-tuning is the baseline the odds-ratio term must beat; it runs after the ORPO run, in the same
+Plain fine-tuning is the baseline the preference term must beat; it runs after the tuned run, in the same
 processes, from the same base model, data, steps and seed, into ``output_dir/sft-baseline``.
 """
 
@@ -16,6 +16,7 @@ from accelerate import PartialState
 
 from orpo.config import TrainConfig
 from orpo.eval.report import add_to_eval_results, format_quality_table, quality_rows
+from orpo.loss.objective import Objective
 from orpo.train.loop import train
 
 logger = logging.getLogger(__name__)
@@ -24,10 +25,13 @@ SFT_FOLDER = "sft-baseline"
 
 
 def sft_config(cfg: TrainConfig) -> TrainConfig:
-    """The ORPO recipe with the odds-ratio term off, into its own folder, evaluated greedily at the end."""
+    """The recipe as ORPO with the odds-ratio term off (the NLL of the chosen transcripts alone), into its own
+    folder, evaluated greedily at the end."""
     return dataclasses.replace(
         cfg,
+        loss_type="orpo",
         alpha=0.0,
+        refresh_pairs_steps=0,  # the rejected transcripts do not count at alpha 0
         output_dir=str(Path(cfg.output_dir) / SFT_FOLDER),
         resume_from_checkpoint=None,
         overwrite_output_dir=True,  # a baseline left by an earlier attempt moves aside: it restarts from scratch
@@ -46,7 +50,8 @@ def train_and_compare(cfg: TrainConfig) -> dict[str, float]:
     sft = train(sft_config(cfg)) if cfg.compare_sft else None
     if PartialState().is_main_process:
         record = json.loads((Path(cfg.output_dir) / "eval_results.json").read_text(encoding="utf-8"))
-        rows = quality_rows(record.get("base_metrics"), results, sft, cfg.alpha, cfg.compare_num_beams)
+        tuned_name = Objective.from_config(cfg).describe()
+        rows = quality_rows(record.get("base_metrics"), results, sft, tuned_name, cfg.compare_num_beams)
         table = format_quality_table(rows)
         add_to_eval_results(cfg.output_dir, quality_table=rows, quality_table_text=table.splitlines())
         logger.info("quality on %s (same test clips, same training steps):\n%s", cfg.test_data, table)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from orpo.loss import orpo_loss
+from orpo.loss.orpo import orpo_loss
 
 
 def _sums(grads_a, grads_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

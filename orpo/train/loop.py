@@ -23,16 +23,18 @@ from transformers import WhisperConfig, get_scheduler
 from orpo.config import TrainConfig, config_to_dict
 from orpo.data.collate import PreferenceCollator
 from orpo.data.dataset import build_datasets, build_regression_dataset
+from orpo.data.pair_table import PairTable
 from orpo.data.sampling import LengthGroupedSampler, packed_lengths
 from orpo.errors import NonFiniteLossError, OutputDirError
 from orpo.eval.generate import EvaluationStopped
 from orpo.eval.preference import preference_metrics
+from orpo.eval.reference import reference_logps
 from orpo.eval.regression import RegressionEvaluator
 from orpo.eval.report import format_comparison, write_eval_results
 from orpo.eval.text import uses_cer
 from orpo.eval.wer import WerEvaluator
 from orpo.files import write_text_atomic
-from orpo.loss import orpo_loss
+from orpo.loss.objective import Objective
 from orpo.model.fetch import check_model_source
 from orpo.model.load import check_hardware, load_processor, load_whisper, save_adapter, save_final_model
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
@@ -54,6 +56,7 @@ from orpo.train.forgetting import ForgettingGuard
 from orpo.train.grad_share import gradient_share
 from orpo.train.logs import MetricsLog, TrainLog, check_trackers, init_trackers, logged_base_results
 from orpo.train.plots import plot_training_curves
+from orpo.train.refresh import PairRefresher
 from orpo.train.run_folder import RunLock, check_output_dir, move_earlier_run
 from orpo.train.selection import ModelSelection, check_metric_name, selection_on
 from orpo.train.signals import StopSignal, ignore_stop_signals
@@ -181,6 +184,7 @@ class ORPOTrainer:
             len(self.test_set) if self.test_set else 0,
             f", regression clips: {len(self.regression_set)}" if self.regression_set else "",
         )
+        self.setup_pairs()
         collator = PreferenceCollator(pad_token_id=self.tokens.eot)
         self.worker_init = ignore_stop_signals if cfg.num_workers > 0 else None
         order = (
@@ -207,6 +211,20 @@ class ORPOTrainer:
             if self.test_set
             else None
         )
+
+    def setup_pairs(self) -> None:
+        """The objective, and the pair tables when the pairs change during the run (``refresh_pairs_steps``) or an
+        objective needs reference log-probs (DPO, IPO): batches then take their rows or references from them."""
+        cfg = self.cfg
+        self.objective = Objective.from_config(cfg)
+        reference = self.objective.needs_reference
+        self.pairs = self.test_pairs = None
+        if cfg.refresh_pairs_steps > 0 or reference:
+            self.pairs = PairTable(
+                self.train_set, self.tokens.eot, rows=cfg.refresh_pairs_steps > 0, reference=reference
+            )
+        if reference and self.test_set is not None:
+            self.test_pairs = PairTable(self.test_set, self.tokens.eot, reference=True)
 
     def test_uses_cer(self) -> bool:
         """Whether the test set is scored by CER alone (every clip in a language written without spaces)."""
@@ -265,6 +283,14 @@ class ORPOTrainer:
             num_training_steps=self.total_steps,
         )
         self.checkpoint_objects = {"scheduler": self.scheduler, **self.adapters.checkpoint_objects()}
+        if self.pairs is not None:  # the pairs and reference log-probs as they stand: a resumed run trains on them
+            self.checkpoint_objects["pairs"] = self.pairs
+        if self.test_pairs is not None:
+            self.checkpoint_objects["eval_pairs"] = self.test_pairs
+        self.refresher = None
+        if cfg.refresh_pairs_steps > 0:
+            needs_reference = self.objective.needs_reference
+            self.refresher = PairRefresher(cfg, self.pairs, accelerator, needs_reference, self.output_dir)
         register_checkpoint_hooks(accelerator, self.model, self.checkpoint_objects, adapter_only=cfg.peft != "none")
         init_trackers(accelerator, cfg, self.output_dir)
         self.log = MetricsLog(accelerator, self.output_dir)
@@ -279,6 +305,7 @@ class ORPOTrainer:
             ModelSelection(self.cfg, self.test_uses_cer(), self.resumed.get("best")) if selection_on(self.cfg) else None
         )
         self.guard = ForgettingGuard.from_config(self.cfg)
+        self.pending_refresh = None  # the step of a refresh that a stop signal interrupted: done first on resume
         if self.resume_dir is None:
             return
         check_checkpoint_files(
@@ -301,6 +328,7 @@ class ORPOTrainer:
         self.base_results = logged_base_results(self.output_dir)
         self.guard.set_base(self.base_results or {})
         self.guard.over_limit = list(self.resumed.get("regression_over_limit", []))
+        self.pending_refresh = self.resumed.get("pending_refresh")
 
     # ----------------------------------------------------------------------------------------------
     # train
@@ -317,6 +345,9 @@ class ORPOTrainer:
             accelerator.distributed_type.value,
             cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
         )
+        self.compute_references()
+        if self.pending_refresh is not None:
+            self.refresh_pairs(self.pending_refresh)
         base_wanted = cfg.eval_before_train or self.regression_eval is not None
         if self.test_loader is not None and base_wanted and state.global_step == 0:
             self.base_results = self.evaluate_base()
@@ -362,11 +393,10 @@ class ORPOTrainer:
         # Dropout draws from the batch's position, so a resumed run draws what the uninterrupted one did.
         torch.manual_seed(batch_seed(self.cfg.seed, state.epoch, state.step_in_epoch, accelerator.process_index))
         state.step_in_epoch += 1
+        if self.pairs is not None:  # the pairs as they stand now (a refresh may have changed them)
+            batch = {**batch, **self.pairs.batch_fields(batch["sample_index"])}
         with accelerator.accumulate(self.model):
-            out = self.model(batch)
-            loss, per_clip = orpo_loss(
-                out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], self.cfg.alpha
-            )
+            loss, per_clip = self.objective(self.model(batch), batch)
             loss = self.adapters.regularise(loss, per_clip)
             accelerator.backward(loss)  # on every process even when non-finite: DDP's all-reduce needs all
         self.pending.append((loss.detach(), per_clip, batch["sample_index"]))
@@ -433,6 +463,8 @@ class ORPOTrainer:
         before_end = step < self.total_steps
         if step % cfg.logging_steps == 0 or not before_end:
             self.log_train_metrics()
+        if self.refresher is not None and self.refresher.due(step) and before_end:
+            stop_requested = self.refresh_pairs(step) or stop_requested
         if self.test_loader is not None and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and before_end:
             try:
                 metrics = self.evaluate(stop=self.stop_agreed)
@@ -494,7 +526,9 @@ class ORPOTrainer:
         ``compare_beams`` (the base and final evaluations) also WER/CER at ``compare_num_beams`` (``wer_beamN``);
         with ``regression_data`` the regression set's metrics and their change from the base model.
         ``stop`` (:meth:`stop_agreed`) ends it between batches with :class:`EvaluationStopped`."""
-        metrics = preference_metrics(self.model, self.test_loader, self.accelerator, self.cfg.alpha, stop=stop)
+        metrics = preference_metrics(
+            self.model, self.test_loader, self.accelerator, self.objective, self.test_pairs, stop=stop
+        )
         metrics.update(self.wer_eval(self.model, tag=tag, stop=stop))
         beams = self.cfg.compare_num_beams
         if compare_beams and beams > 0:
@@ -524,10 +558,43 @@ class ORPOTrainer:
         if self.early_stopped:
             logger.warning("%s; the run ends here", self.early_stopped)
 
+    def compute_references(self) -> None:
+        """Reference log-probs (DPO, IPO) of every pair that has none yet: at the start of a run, with the model
+        before its first step (a resumed run has them from its checkpoint)."""
+        for table, name in ((self.pairs, "train"), (self.test_pairs, "test")):
+            if table is None or not table.with_reference or not table.missing_reference():
+                continue
+            if self.state.global_step > 0 and self.cfg.peft == "none":
+                raise RuntimeError(f"the {name} pairs have no reference log-probs at step {self.state.global_step}")
+            values = reference_logps(
+                self.model,
+                table.dataset,
+                table.missing_reference(),
+                self.accelerator,
+                self.cfg.per_device_eval_batch_size,
+                desc=f"reference ({name})",
+            )
+            table.set_reference(values)
+            logger.info("reference log-probs of %d %s clips computed", len(values), name)
+
+    def refresh_pairs(self, step: int) -> bool:
+        """The pair refresh due at ``step``, logged; whether a stop signal interrupted it (it is then done first
+        when the run resumes, so the resumed run trains on the pairs the uninterrupted one had)."""
+        try:
+            metrics = self.refresher(self.model, step, stop=self.stop_agreed)
+        except EvaluationStopped:
+            logger.warning("step %d: the pair refresh was stopped by a stop signal; it runs first on resume", step)
+            self.pending_refresh = step
+            return True
+        self.pending_refresh = None
+        self.log.write(step, metrics)
+        return False
+
     def save_checkpoint(self) -> Path:
         record = self.state.record(self.accelerator, self.total_steps, self.settings)
         keep = None
         record["regression_over_limit"] = self.guard.over_limit
+        record["pending_refresh"] = self.pending_refresh
         if self.selection is not None:
             record["best"] = self.selection.best.record()
             keep = self.selection.best.checkpoint

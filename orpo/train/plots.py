@@ -1,7 +1,8 @@
 """Training curves from ``output_dir/metrics.jsonl``: ``plot_training_curves(output_dir)`` -> training_curves.png.
 
 Panels: loss, NLL loss, reward margin, reward accuracy (training records as lines, ``eval/...`` records as
-markers on the same axes), WER/CER of the test set and of ``regression_data``, and the learning rate; when
+markers on the same axes), WER/CER of the test set, of ``regression_data`` and of the training clips a pair
+refresh decoded, and the learning rate; when
 logged, the regression set's language identification accuracy and the odds-ratio term's gradient share.
 Records are ``{"step": N, "loss": ...}`` (training) and ``{"step": N, "eval/loss": ...}`` (evaluation; step 0
 is the base model when ``eval_before_train`` or ``regression_data`` is set). A step logged twice (a resumed run
@@ -20,7 +21,7 @@ from orpo.train.logs import read_metrics
 
 # (title, training key, eval key, y-axis as a percentage, y-axis label)
 PANELS = [
-    ("loss", "loss", "eval/loss", False, "ORPO loss (NLL + odds-ratio term)"),
+    ("loss", "loss", "eval/loss", False, "loss (the loss_type's objective)"),
     ("NLL loss (chosen)", "nll_loss", "eval/nll_loss", False, "NLL per token of the chosen (nats)"),
     ("rewards/margins", "rewards/margins", "eval/rewards/margins", False, "reward margin (chosen - rejected)"),
     ("rewards/accuracies", "rewards/accuracies", "eval/rewards/accuracies", False, "share of pairs chosen > rejected"),
@@ -34,6 +35,8 @@ ERROR_RATE_SERIES = [
     ("eval/cer", "eval CER", CER_COLOR, "s"),
     ("regression/wer", "regression WER", REGRESSION_COLOR, "^"),
     ("regression/cer", "regression CER", "tab:olive", "v"),
+    ("refresh/wer", "on-policy training WER (pair refresh)", "tab:cyan", "D"),
+    ("refresh/cer", "on-policy training CER (pair refresh)", "tab:pink", "d"),
 ]
 
 
@@ -96,7 +99,8 @@ def _metric_panel(ax, records: list[dict], title, train_key, eval_key, percent, 
 
 
 def _error_rate_panel(ax, records: list[dict]) -> None:
-    """Test-set WER/CER and, with ``regression_data``, the regression set's (the forgetting guard's) beside them."""
+    """Test-set WER/CER and, with ``regression_data``, the regression set's (the forgetting guard's) beside them;
+    with ``refresh_pairs_steps``, the model's WER on the training clips each refresh decoded (on-policy)."""
     shown = []
     for key, label, color, marker in ERROR_RATE_SERIES:
         steps, values = series(records, key)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 from orpo.config import TrainConfig
 from orpo.errors import ConfigError
-from orpo.loss import METRIC_NAMES
+from orpo.loss.objective import Objective
+from orpo.loss.pairs import COMPARABLE_METRIC_NAMES
 
 logger = logging.getLogger("orpo")
 
@@ -33,6 +34,8 @@ GREATER_IS_BETTER = {
     "eval/rewards/margins": True,
     "eval/logps/chosen": True,
     "eval/logps/rejected": False,
+    "eval/preference/accuracy": True,
+    "eval/preference/margin": True,
 }
 
 
@@ -54,7 +57,8 @@ def check_metric_name(cfg: TrainConfig, uses_cer: bool) -> None:
     if not selection_on(cfg):
         return
     name = best_metric_name(cfg, uses_cer)
-    known = sorted([f"eval/{metric}" for metric in METRIC_NAMES] + list(ERROR_RATES))
+    logged = Objective.from_config(cfg).metric_names + COMPARABLE_METRIC_NAMES
+    known = sorted([f"eval/{metric}" for metric in logged] + list(ERROR_RATES))
     if name not in known:
         raise ConfigError(
             f"{cfg.origin('metric_for_best_model')}: metric_for_best_model {name!r} is not a metric the "
