@@ -1,6 +1,7 @@
-"""Quality table: does the odds-ratio term beat plain fine-tuning? Base greedy and beam 5, plain fine-tuning
-(``alpha: 0``) and ORPO at alpha 0.1, 0.5 and 1.0, trained on one preference set with the same data, steps,
-hyperparameters and seed, scored on a held-out test split and on a regression split of other speech.
+"""Quality table: does preference tuning beat plain fine-tuning? Base greedy and beam 5, plain fine-tuning
+(``alpha: 0``), ORPO at alpha 0.1, 0.5 and 1.0, ORPO with its pairs refreshed from the model during training,
+SimPO, and DPO with LoRA, trained on one preference set with the same data, steps and seed, scored on a held-out
+test split and on a regression split of other speech.
 
     python bench/quality.py               # Whisper tiny.en: bench/QUALITY.md and bench/quality.png
     python bench/quality.py --model base  # the multilingual base, regression split in four languages:
@@ -9,12 +10,15 @@ hyperparameters and seed, scored on a held-out test split and on a regression sp
 The preference set is built first if it is missing (``bench/quality_set.py``: espeak-ng speech, rejected
 transcripts mined from tiny.en's own beam-search errors; for ``--model base`` they are therefore another model's
 errors, which the report says). Every trained row evaluates every ``--eval-steps`` (test
-WER, preference metrics, regression WER), keeps the best checkpoint by test WER (``load_best_model_at_end``)
-and logs the odds-ratio term's share of the gradient (``log_grad_share``). Runs go to
-``outputs/quality/<model>/``; ``--reuse`` reads finished runs instead of training them again.
+WER, preference metrics, regression WER) and keeps the best checkpoint by test WER (``load_best_model_at_end``);
+the ORPO rows log the odds-ratio term's share of the gradient (``log_grad_share``). Rows differ only in their
+objective; the LoRA row also in its learning rate (``--lora-learning-rate``: adapters train at a higher rate).
+Runs go to ``outputs/quality/<model>/<row>/``; ``--reuse`` reads finished runs instead of training them again,
+and ``--rows`` trains only the named rows (the others must be finished runs).
 
 Preference accuracy is the share of test pairs whose chosen transcript has the higher average log-prob, and
-the margin their mean log-prob gap: neither depends on alpha, so every row means the same thing. The WER
+the margin their mean average-log-prob gap (``eval/preference/*``): neither depends on the objective, so every
+row means the same thing. The WER
 difference against plain fine-tuning comes with a 95% paired bootstrap interval over test clips: a row
 "beats" plain fine-tuning only when the whole interval is below zero.
 """
@@ -22,6 +26,7 @@ difference against plain fine-tuning comes with a 95% paired bootstrap interval 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -41,7 +46,31 @@ from orpo.files import staged_file, write_text_atomic  # noqa: E402
 from orpo.train.logs import read_metrics  # noqa: E402
 from orpo.train.loop import train  # noqa: E402
 
-ALPHAS = (0.0, 0.1, 0.5, 1.0)  # 0: plain fine-tuning on the chosen transcripts
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One trained row: its name in the table, its run folder, and the recipe keys it sets."""
+
+    name: str
+    folder: str
+    recipe: dict
+
+
+def trained_rows(args) -> list[Row]:
+    """Plain fine-tuning first (the baseline every other row is compared with), then the preference objectives."""
+    refresh = {"alpha": 0.5, "refresh_pairs_steps": args.refresh_steps, "refresh_num_rejected": 1}
+    lora = {"loss_type": "dpo", "peft": "lora", "learning_rate": args.lora_learning_rate}
+    return [
+        Row("plain fine-tuning (alpha 0)", "alpha-0", {"alpha": 0.0}),
+        Row("ORPO alpha 0.1", "alpha-0.1", {"alpha": 0.1}),
+        Row("ORPO alpha 0.5", "alpha-0.5", {"alpha": 0.5}),
+        Row("ORPO alpha 1", "alpha-1", {"alpha": 1.0}),
+        Row(f"ORPO alpha 0.5, pairs refreshed every {args.refresh_steps} steps", "orpo-refresh", refresh),
+        Row("SimPO (beta 2, gamma 0.5)", "simpo", {"loss_type": "simpo"}),
+        Row(f"DPO (beta 0.1), LoRA r 32, lr {args.lora_learning_rate:g}", "dpo-lora", lora),
+    ]
+
+
 MODELS = {  # --model: (model folder, fetch name, data folder, builder flags, regression manifest, report name)
     "tiny.en": ("models/whisper-tiny.en", "tiny.en", "bench/quality-data", [], "regression.jsonl", "QUALITY"),
     "base": (
@@ -56,10 +85,6 @@ MODELS = {  # --model: (model folder, fetch name, data folder, builder flags, re
 BOOTSTRAP_SAMPLES = 2000
 
 
-def row_name(alpha: float) -> str:
-    return "plain fine-tuning (alpha 0)" if alpha == 0 else f"ORPO alpha {alpha:g}"
-
-
 def prepare(args) -> tuple[Path, Path]:
     """The model folder and the data folder, fetched and built when missing."""
     model_dir, fetch_name, data_dir, flags, regression, _ = MODELS[args.model]
@@ -71,18 +96,18 @@ def prepare(args) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
-def recipe(args, model_dir: Path, data_dir: Path, alpha: float, first: bool) -> TrainConfig:
-    """One row's recipe: only alpha differs between rows (the first also evaluates the base model, greedy and
-    with beam 5, which is the same for every row)."""
-    return TrainConfig(
+def recipe(args, model_dir: Path, data_dir: Path, row: Row, first: bool) -> TrainConfig:
+    """One row's recipe: the shared settings, then the row's own keys (the first also evaluates the base model,
+    greedy and with beam 5, which is the same for every row)."""
+    orpo = row.recipe.get("loss_type", "orpo") == "orpo" and row.recipe.get("alpha", 0.1) > 0
+    settings = dict(
         base_model=str(model_dir),
         language="English",
         train_data=str(data_dir / "train.jsonl"),
         test_data=str(data_dir / "test.jsonl"),
         regression_data=str(data_dir / MODELS[args.model][4]),
-        output_dir=str(ROOT / "outputs" / "quality" / args.model / f"alpha-{alpha:g}"),
+        output_dir=str(ROOT / "outputs" / "quality" / args.model / row.folder),
         overwrite_output_dir=True,
-        alpha=alpha,
         learning_rate=args.learning_rate,
         warmup_steps=max(1, args.steps // 10),
         max_steps=args.steps,
@@ -93,7 +118,7 @@ def recipe(args, model_dir: Path, data_dir: Path, alpha: float, first: bool) -> 
         freeze_encoder=args.freeze_encoder,
         seed=args.seed,
         logging_steps=args.logging_steps,
-        log_grad_share=alpha > 0,
+        log_grad_share=orpo,
         eval_steps=args.eval_steps,
         save_steps=args.eval_steps,
         save_total_limit=1,
@@ -102,25 +127,31 @@ def recipe(args, model_dir: Path, data_dir: Path, alpha: float, first: bool) -> 
         compare_num_beams=5 if first else 0,
         report_to=[],
     )
+    return TrainConfig(**(settings | row.recipe))
 
 
-def train_rows(args, model_dir: Path, data_dir: Path) -> dict[float, Path]:
-    """Train each row (or, with ``--reuse``, take a finished run); {alpha: run folder}."""
+def train_rows(args, model_dir: Path, data_dir: Path) -> dict[Row, Path]:
+    """Train each row (or, with ``--reuse``, take a finished run; with ``--rows``, only those named); {row: run
+    folder}."""
     runs = {}
-    for k, alpha in enumerate(ALPHAS):
-        cfg = recipe(args, model_dir, data_dir, alpha, first=k == 0)
+    for k, row in enumerate(trained_rows(args)):
+        cfg = recipe(args, model_dir, data_dir, row, first=k == 0)
         run = Path(cfg.output_dir)
-        if not (args.reuse and (run / "eval_results.json").is_file()):
+        finished = (run / "eval_results.json").is_file()
+        skip = (args.reuse and finished) or (args.rows and row.folder not in args.rows)
+        if skip and not finished:
+            raise SystemExit(f"{row.name}: no finished run in {run}; train it (leave it out of --rows)")
+        if not skip:
             started = time.monotonic()
             train(cfg)
             seconds = time.monotonic() - started
-            print(f"{row_name(alpha)}: trained and evaluated in {seconds:.0f} s", flush=True)
+            print(f"{row.name}: trained and evaluated in {seconds:.0f} s", flush=True)
             write_text_atomic(run / "bench_seconds.txt", f"{seconds:.0f}\n")
-        runs[alpha] = run
+        runs[row] = run
     return runs
 
 
-def measured_minutes(runs: dict[float, Path]) -> str:
+def measured_minutes(runs: dict[Row, Path]) -> str:
     """The time every row took when it was trained (kept beside each run, so ``--reuse`` reports it too)."""
     files = [run / "bench_seconds.txt" for run in runs.values()]
     if not all(f.is_file() for f in files):
@@ -159,22 +190,24 @@ def run_summary(run: Path) -> dict:
     evaluations = {r["step"]: r for r in records if "eval/wer" in r}
     shares = [r["grad_share/odds_ratio"] for r in records if "grad_share/odds_ratio" in r]
     cosines = [r["grad_cosine"] for r in records if "grad_cosine" in r]
+    on_policy = [r["refresh/wer"] for r in records if "refresh/wer" in r]
     return {
         "results": results,
         "records": records,
         "last_wer": evaluations[max(evaluations)]["eval/wer"],
         "grad_share": float(np.mean(shares)) if shares else None,
         "grad_cosine": float(np.mean(cosines)) if cosines else None,
+        "on_policy": (on_policy[0], on_policy[-1]) if on_policy else None,
     }
 
 
-def table_rows(runs: dict[float, Path], spelling: dict | None, seed: int) -> list[dict]:
-    """The rows: base greedy, base beam 5, then each alpha; WER differences against plain fine-tuning."""
-    summaries = {alpha: run_summary(run) for alpha, run in runs.items()}
-    first = summaries[ALPHAS[0]]["results"]
-    base = first["base_metrics"]
-    samples = {alpha: s["results"]["samples"] for alpha, s in summaries.items()}
-    plain = clip_errors(samples[0.0], "hypothesis", spelling)
+def table_rows(runs: dict[Row, Path], spelling: dict | None, seed: int) -> list[dict]:
+    """The rows: base greedy, base beam 5, then each trained row; WER differences against plain fine-tuning."""
+    summaries = {row: run_summary(run) for row, run in runs.items()}
+    plain_row = next(iter(summaries))
+    base = summaries[plain_row]["results"]["base_metrics"]
+    samples = {row: s["results"]["samples"] for row, s in summaries.items()}
+    plain = clip_errors(samples[plain_row], "hypothesis", spelling)
     rows = []
     for name, key, beam_key in (
         ("base, greedy", "base_hypothesis", "eval/wer"),
@@ -184,28 +217,29 @@ def table_rows(runs: dict[float, Path], spelling: dict | None, seed: int) -> lis
             {
                 "model": name,
                 "wer": base[beam_key],
-                "vs_plain": paired_difference(clip_errors(samples[0.0], key, spelling), plain, seed),
-                "accuracy": base["eval/rewards/accuracies"],
-                "margin": base["eval/logps/chosen"] - base["eval/logps/rejected"],
+                "vs_plain": paired_difference(clip_errors(samples[plain_row], key, spelling), plain, seed),
+                "accuracy": base["eval/preference/accuracy"],
+                "margin": base["eval/preference/margin"],
                 "regression": base["regression/wer"],
             }
         )
-    for alpha, summary in summaries.items():
+    for row, summary in summaries.items():
         metrics, best = summary["results"]["metrics"], summary["results"]["best_model"]
         rows.append(
             {
-                "model": row_name(alpha),
+                "model": row.name,
                 "wer": metrics["eval/wer"],
                 "last_wer": summary["last_wer"],
                 "vs_plain": None
-                if alpha == 0
-                else paired_difference(clip_errors(samples[alpha], "hypothesis", spelling), plain, seed),
-                "accuracy": metrics["eval/rewards/accuracies"],
-                "margin": metrics["eval/logps/chosen"] - metrics["eval/logps/rejected"],
+                if row == plain_row
+                else paired_difference(clip_errors(samples[row], "hypothesis", spelling), plain, seed),
+                "accuracy": metrics["eval/preference/accuracy"],
+                "margin": metrics["eval/preference/margin"],
                 "regression": metrics["regression/wer"],
                 "best_step": best["step"],
                 "grad_share": summary["grad_share"],
                 "grad_cosine": summary["grad_cosine"],
+                "on_policy": summary["on_policy"],
             }
         )
     return rows
@@ -218,9 +252,10 @@ def _cell(value, fmt: str) -> str:
 def format_table(rows: list[dict]) -> str:
     header = (
         "| model | test WER (best model) | test WER (last step) | vs plain fine-tuning, 95% CI | preference accuracy "
-        "| log-prob margin | regression WER | best step | odds-ratio grad share | grad cosine |"
+        "| log-prob margin | regression WER | best step | odds-ratio grad share | grad cosine "
+        "| on-policy training WER, first → last refresh |"
     )
-    lines = [header, "|---|" + "---:|" * 9]
+    lines = [header, "|---|" + "---:|" * 10]
     for row in rows:
         diff = row["vs_plain"]
         vs = "-" if diff is None else f"{100 * diff[0]:+.2f} pts [{100 * diff[1]:+.2f}, {100 * diff[2]:+.2f}]"
@@ -235,17 +270,18 @@ def format_table(rows: list[dict]) -> str:
             _cell(row.get("best_step"), "{}"),
             _cell(row.get("grad_share"), "{:.3f}"),
             _cell(row.get("grad_cosine"), "{:+.3f}"),
+            _cell(row.get("on_policy"), "{0[0]:.2%} → {0[1]:.2%}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """One honest sentence per ORPO row against plain fine-tuning, on each column."""
+    """One honest sentence per tuned row against plain fine-tuning, on each column."""
     plain = next(r for r in rows if r["model"].startswith("plain"))
     sentences = []
     for row in rows:
-        if not row["model"].startswith("ORPO"):
+        if row["model"].startswith(("base", "plain")):
             continue
         diff, low, high = row["vs_plain"]
         if high < 0:
@@ -256,12 +292,19 @@ def verdicts(rows: list[dict]) -> list[str]:
             wer = f"test WER within noise ({100 * diff:+.2f} points, interval [{100 * low:+.2f}, {100 * high:+.2f}])"
         accuracy = "higher" if row["accuracy"] > plain["accuracy"] else "not higher"
         regression = row["regression"] - plain["regression"]
-        sentences.append(
+        sentence = (
             f"- **{row['model']}** against plain fine-tuning: {wer}; preference accuracy {accuracy} "
-            f"({row['accuracy']:.3f} vs {plain['accuracy']:.3f}); regression WER {100 * regression:+.2f} points; "
-            f"the odds-ratio term made {row['grad_share']:.2f}x the NLL's gradient norm on average "
-            f"(cosine {row['grad_cosine']:+.2f})."
+            f"({row['accuracy']:.3f} vs {plain['accuracy']:.3f}); regression WER {100 * regression:+.2f} points"
         )
+        if row.get("grad_share") is not None:
+            sentence += (
+                f"; the odds-ratio term made {row['grad_share']:.2f}x the NLL's gradient norm on average "
+                f"(cosine {row['grad_cosine']:+.2f})"
+            )
+        if row.get("on_policy") is not None:
+            first, last = row["on_policy"]
+            sentence += f"; its own WER on the training clips it re-decoded went {first:.2%} → {last:.2%}"
+        sentences.append(sentence + ".")
     return sentences
 
 
@@ -270,7 +313,7 @@ def why(rows: list[dict]) -> str:
     plain fine-tuning already gives (its preference accuracy without ever seeing a rejected transcript)."""
     base = rows[0]
     plain = next(r for r in rows if r["model"].startswith("plain"))
-    orpo = [r for r in rows if r["model"].startswith("ORPO")]
+    orpo = [r for r in rows if r["model"].startswith("ORPO") and r.get("grad_share") is not None]
     shares = ", ".join(f"{r['grad_share']:.2f}x at {r['model'].removeprefix('ORPO ')}" for r in orpo)
     cosines = [r["grad_cosine"] for r in orpo]
     return (
@@ -284,7 +327,7 @@ def why(rows: list[dict]) -> str:
     )
 
 
-def plot(runs: dict[float, Path], path: Path) -> None:
+def plot(runs: dict[Row, Path], path: Path) -> None:
     """Test WER, regression WER and the odds-ratio gradient share against step, one line per row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -295,13 +338,13 @@ def plot(runs: dict[float, Path], path: Path) -> None:
     fig = Figure(figsize=(16, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    for k, (alpha, run) in enumerate(runs.items()):
+    for k, (row, run) in enumerate(runs.items()):
         records = read_metrics(run / "metrics.jsonl")
         color = f"C{k}"  # one colour per row in every panel
         for ax, key in zip(axes[:2], ("eval/wer", "regression/wer")):
-            ax.plot(*series(records, key), marker="o", color=color, label=row_name(alpha))
-        if alpha > 0:
-            axes[2].plot(*series(records, "grad_share/odds_ratio"), color=color, label=row_name(alpha))
+            ax.plot(*series(records, key), marker="o", color=color, label=row.name)
+        if series(records, "grad_share/odds_ratio")[0]:
+            axes[2].plot(*series(records, "grad_share/odds_ratio"), color=color, label=row.name)
     titles = ("test WER (greedy)", "regression WER (greedy)", "|alpha grad L_OR| / |grad NLL| (log_grad_share)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
@@ -342,7 +385,7 @@ def write_report(args, rows: list[dict], data_dir: Path, took: str, picture: str
     command = " ".join(["python bench/quality.py", *(a for a in sys.argv[1:] if a != "--reuse")])
     text = "\n".join(
         [
-            "# Quality: ORPO against plain fine-tuning and beam search",
+            "# Quality: ORPO and other preference objectives against plain fine-tuning and beam search",
             "",
             f"Measured {datetime.date.today().isoformat()} on {machine()}, {took}: `{command}`.",
             "",
@@ -351,8 +394,9 @@ def write_report(args, rows: list[dict], data_dir: Path, took: str, picture: str
             f"of {args.batch} clips, learning rate {args.learning_rate:g} (linear, warmup), seed {args.seed}, "
             f"{'encoder frozen, ' if args.freeze_encoder else ''}evaluated every {args.eval_steps} steps; the best "
             "checkpoint by test WER is the final model; transcripts of at most 64 tokens. Every row: same data, "
-            "steps, hyperparameters and seed; "
-            "only alpha differs.",
+            "steps, hyperparameters and seed; only its objective differs (the LoRA row trains adapters, at learning "
+            f"rate {args.lora_learning_rate:g}). The refresh row re-decodes every training clip with beam 5 every "
+            f"{args.refresh_steps} steps; the model's best wrong hypothesis becomes the clip's rejected transcript.",
             "",
             "**What this set is, and is not**: synthetic speech (espeak-ng voices and speeds, with noise and gain), "
             "everyday English sentences, rejected transcripts mined from Whisper tiny.en's own beam-search errors "
@@ -387,6 +431,11 @@ def main() -> None:
         help="train the encoder too (by default only the decoder trains: half the time on a CPU)",
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--refresh-steps", type=int, default=20, help="the refresh row's refresh_pairs_steps")
+    parser.add_argument("--lora-learning-rate", type=float, default=2e-4, help="the DPO row's (LoRA) learning rate")
+    parser.add_argument(
+        "--rows", nargs="+", metavar="FOLDER", help="train only these rows (e.g. orpo-refresh simpo dpo-lora)"
+    )
     parser.add_argument("--reuse", action="store_true", help="read finished runs instead of training them again")
     args = parser.parse_args()
     model_dir, data_dir = prepare(args)

@@ -16,6 +16,7 @@ from orpo.data.normalize import TextNormalizer
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(spec)
+sys.modules["quality"] = quality  # a dataclass looks its module up there
 spec.loader.exec_module(quality)
 
 
@@ -57,12 +58,16 @@ def test_verdicts_say_within_noise_unless_the_whole_interval_is_on_one_side():
             "grad_cosine": 0.5,
         }
 
+    simpo = {"model": "SimPO (beta 2, gamma 0.5)", "vs_plain": (0.0, -0.01, 0.01), "accuracy": 0.7, "regression": 0.1}
+    refreshed = orpo(0.5, (0.0, -0.01, 0.01)) | {"model": "ORPO alpha 0.5, refreshed", "on_policy": (0.2, 0.05)}
     rows = [plain, orpo(0.1, (-0.01, -0.02, 0.005)), orpo(0.5, (-0.02, -0.03, -0.01)), orpo(1.0, (0.02, 0.01, 0.03))]
-    said = quality.verdicts(rows)
+    said = quality.verdicts(rows + [simpo, refreshed])
     assert "within noise" in said[0] and "lower test WER" not in said[0]
     assert "lower test WER" in said[1]
     assert "HIGHER test WER" in said[2]
-    assert all("regression WER +2.00 points" in sentence for sentence in said)
+    assert all("regression WER +2.00 points" in sentence for sentence in said[:3])
+    assert "preference accuracy not higher (0.700 vs 0.800)" in said[3] and "gradient" not in said[3]
+    assert "20.00% → 5.00%" in said[4]
 
 
 def test_the_quality_set_sentences_are_distinct_and_every_rule_error_reads_differently():
