@@ -167,6 +167,23 @@ class TrainConfig(Config):
         None, "JSON/YAML file describing audio augmentation of the training data (see docs/data.md, Augmentation)."
     )
     num_workers: int = _key(0, "DataLoader worker processes.")
+    num_proc: Optional[int] = _key(
+        None,
+        "Processes that check a large manifest (tens of thousands of lines and more) before training; if unset, "
+        "one per CPU core, at most 8.",
+    )
+    index_cache_dir: Optional[str] = _key(
+        None,
+        "Where a checked manifest's index is cached (by a hash of the manifest, the tokenizer and the settings) so "
+        "that later runs start at once; if unset, a .whisper-orpo-index folder beside the manifest, else "
+        "~/.cache/whisper-orpo/index. Put it on storage every machine of a multi-node run sees.",
+    )
+    features_on_device: Optional[bool] = _key(
+        None,
+        "Compute the training clips' log-mel features on the accelerator in the training step, batched (the data "
+        "loader then only decodes and augments audio); if unset, on with CUDA and off on a CPU (bench/data.py "
+        "measures both).",
+    )
 
     # Objective
     loss_type: str = _key(
@@ -361,6 +378,8 @@ class TrainConfig(Config):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"num_proc must be >= 1, got {self.num_proc}", key="num_proc")
         non_negative = (
             "learning_rate",
             "warmup_steps",

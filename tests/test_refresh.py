@@ -24,6 +24,7 @@ from orpo.data.manifest import read_manifest
 from orpo.eval.generate import generate, whisper_for_generation
 from orpo.eval.nbest import Scorer, average_token_logprobs, nbest_config, nbest_hypotheses
 from orpo.model.orpo_whisper import ORPOWhisper
+from orpo.train.checkpoint import load_state_objects
 from orpo.train.loop import ORPOTrainer, train
 from orpo.train.refresh import pairs_file
 
@@ -270,20 +271,15 @@ def test_dpo_reference_log_probs_are_computed_once_per_pair_from_the_base_model(
     train(
         config(model_dir, manifest, output_dir, loss_type="dpo", peft="lora", save_steps=STEPS - 1, learning_rate=1e-2)
     )
-    state = json.loads((output_dir / f"checkpoint-{STEPS - 1}" / "pairs.json").read_text())
     changed = [r["refresh/clips_changed"] for r in read_metrics(output_dir) if "refresh/clips_changed" in r]
     assert counts == [5] + [int(n) for n in changed if n > 0], "a pair's reference was computed more than once"
     # the reference of every pair, refreshed ones included, is the base model's: no adapter, eval mode, clean audio
     base = ORPOWhisper(WhisperForConditionalGeneration.from_pretrained(model_dir)).eval()
-    assert all(
-        len(reference) == 1 + len(rejected) for rejected, reference in zip(state["rejected"], state["reference"])
-    )
-    assert state["rejected"] != [sample.rejected for sample in read_manifest(manifest)]
     trainer = ORPOTrainer(config(model_dir, manifest, tmp_path / "probe", loss_type="dpo", peft="lora"))
     try:
         trainer.setup()
-        for index, rejected in enumerate(state["rejected"]):
-            trainer.pairs.replace_rejected(index, rejected)
+        load_state_objects({"pairs": trainer.pairs}, output_dir / f"checkpoint-{STEPS - 1}")  # as a resume does
+        assert trainer.pairs.changed and not trainer.pairs.missing_reference()
         batch = trainer.pairs.decoder_fields(torch.arange(5))
         clean = trainer.train_set.without_augmentation()
         batch["input_features"] = torch.stack([torch.from_numpy(clean[i]["input_features"]) for i in range(5)])
@@ -292,8 +288,8 @@ def test_dpo_reference_log_probs_are_computed_once_per_pair_from_the_base_model(
         sums = (out["logps_chosen"] * out["tokens_chosen"]).tolist()
         rejected_sums = (out["logps_rejected"] * out["tokens_rejected"]).tolist()
         for index in range(5):
-            want = [sums[index]] + rejected_sums[index][: len(state["rejected"][index])]
-            assert state["reference"][index] == pytest.approx(want, rel=1e-5), index
+            want = [sums[index]] + rejected_sums[index][: len(trainer.pairs.rejected(index))]
+            assert trainer.pairs.reference_of(index) == pytest.approx(want, rel=1e-5), index
     finally:
         trainer.cleanup()
 

@@ -13,6 +13,13 @@ import torch
 from orpo.data.tokens import WhisperTokens
 
 IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_features", "input_audio")  # log-mel features, or waveforms featurised on the device
+
+
+def stacked_model_input(features: list[dict]) -> dict[str, torch.Tensor]:
+    """The batch's log-mel features (or waveforms, with ``features_on_device``) stacked into one tensor."""
+    name = next(key for key in MODEL_INPUTS if key in features[0])
+    return {name: torch.from_numpy(np.stack([f[name] for f in features]))}
 
 
 def pack_segments(segments: list[tuple[list[int], int]]) -> dict[str, list[int]]:
@@ -60,7 +67,7 @@ class PreferenceCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return {
-            "input_features": torch.from_numpy(np.stack([f["input_features"] for f in features])),
+            **stacked_model_input(features),
             **decoder_rows([f["segments"] for f in features], self.pad_token_id),
             "sample_index": torch.tensor([f["index"] for f in features], dtype=torch.long),
         }
@@ -83,7 +90,7 @@ class GenerationCollator:
         if len({len(p) for p in prefixes}) != 1:
             raise ValueError(f"decoder prefixes of different lengths in one batch: {prefixes}")
         return {
-            "input_features": torch.from_numpy(np.stack([f["input_features"] for f in features])),
+            **stacked_model_input(features),
             "decoder_input_ids": torch.tensor(prefixes, dtype=torch.long),
             "sample_index": torch.tensor([f["index"] for f in features], dtype=torch.long),
         }

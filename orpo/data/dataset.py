@@ -8,48 +8,26 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, replace
+import os
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from orpo.config import DURATION_TOLERANCE, language_code
+from orpo.config import DURATION_TOLERANCE
 from orpo.data.audio import SAMPLE_RATE, load_sample_audio
 from orpo.data.augment import Augmenter
+from orpo.data.encode import EncodedSample, encode_sample
 from orpo.data.hf import read_hf_dataset
+from orpo.data.index import ClipIndex, load_index
 from orpo.data.manifest import is_manifest, read_asr_manifest, read_manifest
 from orpo.data.normalize import TextNormalizer
-from orpo.data.schema import PreferenceSample, Segment
+from orpo.data.schema import PreferenceSample
 from orpo.data.tokens import WhisperTokens
 from orpo.errors import ConfigError, ManifestError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedSample:
-    sample: PreferenceSample
-    segments: list[tuple[list[int], int]]  # (tokens, prefix length): chosen first, then rejected
-    language: str | None  # the language of its prefix: its own, else the default (multilingual models only)
-
-    @property
-    def language_code(self) -> str:
-        """The clip's language code for scoring ('en' when neither the clip nor the model names one)."""
-        return language_code(self.language) if self.language else "en"
-
-
-def check_pair_differs(sample: PreferenceSample, normalizer: TextNormalizer, language: str | None) -> None:
-    """A rejected transcript that reads as the chosen one (exactly, or after the evaluation normaliser) carries no
-    preference: an error naming the line, never trained on silently."""
-    chosen = normalizer(sample.chosen, language)
-    for k, rejected in enumerate(sample.rejected):
-        if normalizer(rejected, language) == chosen:
-            name = f"rejected[{k}]" if len(sample.rejected) > 1 else "rejected"
-            raise ManifestError(
-                f"{sample.source}: field '{name}' reads the same as 'chosen' after Whisper's text normaliser "
-                f"({chosen!r}): the pair carries no preference; give a rejected transcript that differs, or drop it"
-            )
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -57,58 +35,72 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     ``augment`` (training only), when given, is called as ``augment(audio, index, epoch)`` on each clip
     before its features are computed; :meth:`set_epoch` sets the epoch it sees, so the augmentation of a
-    clip depends on (seed, epoch, index) only.
+    clip depends on (seed, epoch, index) only. With ``raw_audio`` an item holds the (augmented) waveform padded
+    to Whisper's 30 s window (``input_audio``) instead of its log-mel features: the model computes them on its
+    device (``features_on_device``, :class:`orpo.model.log_mel.LogMel`).
     """
 
     def __init__(
         self,
-        samples: list[PreferenceSample],
+        samples: list[PreferenceSample] | ClipIndex,
         feature_extractor,
         tokens: WhisperTokens,
         default_language: str | None,
         min_len: float,
         max_len: float,
         augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+        raw_audio: bool = False,
     ):
         self.feature_extractor = feature_extractor
         self.tokens = tokens
         self.augment = augment
+        self.raw_audio = raw_audio
         self.epoch = 0
-        kept = [s for s in samples if min_len <= s.duration <= max_len]
-        self.dropped = [s.source for s in samples if not min_len <= s.duration <= max_len]  # "file:line" each
+        self.default_language = default_language
+        self.normalizer = TextNormalizer()
+        if isinstance(samples, ClipIndex):  # checked and tokenised already: arrays, no object per clip
+            durations = np.asarray(samples.arrays["duration"])
+            inside = (durations >= np.float32(min_len)) & (durations <= np.float32(max_len))
+            self.dropped = [samples.source(i) for i in np.flatnonzero(~inside)]
+            self.items = IndexedItems(samples, np.flatnonzero(inside), default_language, tokens.multilingual)
+        else:
+            self.dropped = [s.source for s in samples if not min_len <= s.duration <= max_len]  # "file:line" each
+            self.items = [self.encode(s) for s in samples if min_len <= s.duration <= max_len]
         if self.dropped:
             logger.info(
                 "dropped %d of %d clips outside [%.2f, %.2f] s: %s",
                 len(self.dropped),
-                len(samples),
+                len(self.dropped) + len(self.items),
                 min_len,
                 max_len,
                 ", ".join(self.dropped),
             )
-        if not kept:
+        if not len(self.items):
             raise ManifestError(f"no clip is within [{min_len}, {max_len}] s; check min_audio_len/max_audio_len")
-        self.default_language = default_language
-        self.normalizer = TextNormalizer()
-        self.items = [self.encode(sample) for sample in kept]
+        self.manifest_rejected = (
+            [list(item.sample.rejected) for item in self.items] if isinstance(self.items, list) else None
+        )
 
     def encode(self, sample: PreferenceSample) -> EncodedSample:
         """A checked sample tokenised: its pairs must differ, and every transcript fit the decoder."""
-        tokens = self.tokens
-        language = sample.language or (self.default_language if tokens.multilingual else None)
-        check_pair_differs(sample, self.normalizer, language)
-        segments = []
-        for field_name, transcript in self._transcripts(sample, tokens.timestamps):
-            try:
-                ids, prefix_len = tokens.sequence(language, transcript)
-            except ValueError as err:
-                raise ManifestError(f"{sample.source}: {err}") from None
-            if len(ids) - 1 > tokens.max_length:
-                raise ManifestError(
-                    f"{sample.source}: field '{field_name}' is {len(ids) - 1} tokens long; "
-                    f"the model's decoder takes at most {tokens.max_length}"
-                )
-            segments.append((ids, prefix_len))
-        return EncodedSample(sample, segments, language)
+        return encode_sample(sample, self.tokens, self.default_language, self.normalizer)
+
+    def packed_lengths(self) -> list[int]:
+        """Decoder row length of each clip: all its transcripts packed side by side."""
+        if isinstance(self.items, IndexedItems):
+            return self.items.packed_lengths()
+        return [sum(len(ids) - 1 for ids, _ in item.segments) for item in self.items]
+
+    def chosen_texts(self) -> list[str]:
+        return (
+            self.items.chosen_texts() if isinstance(self.items, IndexedItems) else [i.sample.chosen for i in self.items]
+        )
+
+    def original_rejected(self, index: int) -> list[str]:
+        """Clip ``index``'s rejected transcripts as the data gave them (before any refresh)."""
+        if isinstance(self.items, IndexedItems):
+            return self.items.original(index).rejected
+        return list(self.manifest_rejected[index])
 
     def replace_rejected(self, index: int, rejected: list[str]) -> None:
         """Clip ``index`` with other (plain-text) rejected transcripts, checked and tokenised as a manifest's are."""
@@ -120,26 +112,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         view = copy.copy(self)
         view.augment = None
         return view
-
-    @staticmethod
-    def _transcripts(sample: PreferenceSample, timestamps: bool) -> list[tuple[str, str | list[Segment]]]:
-        """(field name, transcript) for the chosen and each rejected transcript; segments with timestamps."""
-        several = len(sample.rejected) > 1
-        rejected_segments = sample.rejected_segments or [None] * len(sample.rejected)
-        named = [("chosen", sample.chosen, sample.chosen_segments)] + [
-            (f"rejected[{k}]" if several else "rejected", text, segs)
-            for k, (text, segs) in enumerate(zip(sample.rejected, rejected_segments))
-        ]
-        if not timestamps:
-            return [(name, text) for name, text, _ in named]
-        for name, _, segs in named:
-            if segs is None:
-                raise ManifestError(
-                    f"{sample.source}: field '{name}' is plain text, but timestamps: true needs segments with "
-                    f"start and end times: give '{name.split('[')[0]}s' (or '{name.split('[')[0]}' itself) as "
-                    '[{"start": 0.0, "end": 1.4, "text": "..."}, ...]'
-                )
-        return [(name, segs) for name, _, segs in named]
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the augmentation sees (call it before each epoch's DataLoader iterator is made)."""
@@ -153,8 +125,57 @@ class PreferenceDataset(torch.utils.data.Dataset):
         audio = load_sample_audio(item.sample)
         if self.augment is not None:
             audio = self.augment(audio, index, self.epoch)
+        return {**self.model_input(audio), "segments": item.segments, "index": index}
+
+    def model_input(self, audio: np.ndarray) -> dict[str, np.ndarray]:
+        """What the model reads of a clip: its log-mel features, or (``raw_audio``) its padded waveform."""
+        if self.raw_audio:
+            window = self.feature_extractor.n_samples
+            return {"input_audio": np.pad(audio[:window].astype(np.float32), (0, max(0, window - len(audio))))}
         features = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
-        return {"input_features": features, "segments": item.segments, "index": index}
+        return {"input_features": features}
+
+
+class IndexedItems:
+    """The clips of a :class:`~orpo.data.index.ClipIndex` that a dataset keeps, as a list of
+    :class:`~orpo.data.encode.EncodedSample` made on access; a clip given other pairs (a refresh) is kept as an
+    object from then on."""
+
+    def __init__(self, index: ClipIndex, kept: np.ndarray, default_language: str | None, multilingual: bool):
+        self.index = index
+        self.kept = kept
+        self.default_language = default_language
+        self.multilingual = multilingual
+        self.changed: dict[int, EncodedSample] = {}
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, i: int) -> EncodedSample:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        if i in self.changed:
+            return self.changed[i]
+        return self.index.encoded(int(self.kept[i]), self.default_language, self.multilingual)
+
+    def __setitem__(self, i: int, item: EncodedSample) -> None:
+        self.changed[i] = item
+
+    def original(self, i: int) -> PreferenceSample:
+        return self.index.sample(int(self.kept[i]))
+
+    def packed_lengths(self) -> list[int]:
+        lengths = self.index.packed_lengths()[self.kept].tolist()
+        for i, item in self.changed.items():
+            lengths[i] = sum(len(ids) - 1 for ids, _ in item.segments)
+        return lengths
+
+    def chosen_texts(self) -> list[str]:
+        arrays = self.index.arrays
+        offsets, blob, first = arrays["text_offsets"], arrays["text_bytes"], arrays["first_transcript"]
+        texts = [bytes(blob[offsets[first[i]] : offsets[first[i] + 1]]).decode("utf-8") for i in self.kept]
+        return texts
 
 
 def load_samples(
@@ -188,7 +209,26 @@ def load_samples(
 DATASET_KEYS = ("dataset_config", "audio_column", "chosen_column", "rejected_column", "language_column")
 
 
-def build_dataset(cfg, which: str, feature_extractor, tokens: WhisperTokens) -> PreferenceDataset:
+def index_loader(cfg, tokens: WhisperTokens, build: bool = True) -> Callable[[str], ClipIndex]:
+    """The manifest index of a recipe's data (:func:`orpo.data.index.load_index` with its keys): ``build`` False in
+    the processes that load what the main process checked."""
+
+    def load(spec: str) -> ClipIndex:
+        return load_index(
+            spec, tokens, cfg.language, cfg.duration_tolerance, cfg.index_cache_dir, num_proc(cfg), build=build
+        )
+
+    return load
+
+
+def num_proc(cfg) -> int:
+    """Processes that check a large manifest: ``num_proc``, else one per CPU core (at most 8)."""
+    return cfg.num_proc or min(8, os.cpu_count() or 1)
+
+
+def build_dataset(
+    cfg, which: str, feature_extractor, tokens: WhisperTokens, index_for: Callable[[str], ClipIndex] | None = None
+) -> PreferenceDataset:
     """The training (``which="train"``) or evaluation (``"test"``) dataset of a recipe.
 
     Reads ``train_data``/``test_data`` (manifest or Hugging Face dataset, split ``train_split`` /
@@ -207,11 +247,19 @@ def build_dataset(cfg, which: str, feature_extractor, tokens: WhisperTokens) -> 
     augment = None
     if which == "train" and cfg.augment_config_path:
         augment = Augmenter.from_file(cfg.augment_config_path, seed=cfg.seed, timestamps=cfg.timestamps)
-    samples = load_samples(
-        spec, split, **{key: getattr(cfg, key) for key in DATASET_KEYS}, duration_tolerance=cfg.duration_tolerance
-    )
+    if is_manifest(spec):  # checked once, kept as arrays (orpo.data.index)
+        samples = (index_for or index_loader(cfg, tokens))(spec)
+    else:
+        samples = load_samples(spec, split, **{key: getattr(cfg, key) for key in DATASET_KEYS})
     return PreferenceDataset(
-        samples, feature_extractor, tokens, cfg.language, cfg.min_audio_len, cfg.max_audio_len, augment=augment
+        samples,
+        feature_extractor,
+        tokens,
+        cfg.language,
+        cfg.min_audio_len,
+        cfg.max_audio_len,
+        augment=augment,
+        raw_audio=which == "train" and bool(cfg.features_on_device),
     )
 
 
@@ -248,10 +296,14 @@ def build_regression_dataset(cfg, feature_extractor, tokens: WhisperTokens) -> P
     )
 
 
-def build_datasets(cfg, processor, model_config) -> tuple[PreferenceDataset, PreferenceDataset | None, WhisperTokens]:
+def build_datasets(
+    cfg, processor, model_config, build_index: bool = True
+) -> tuple[PreferenceDataset, PreferenceDataset | None, WhisperTokens]:
     """The recipe's training and (when ``test_data`` is set) evaluation datasets, read and checked in full,
-    and the token builder they were tokenised with."""
+    and the token builder they were tokenised with. ``build_index`` False: manifests were checked by another
+    process, whose cached index is read (:func:`index_loader`)."""
     tokens = WhisperTokens.for_model(processor.tokenizer, model_config, cfg.task, cfg.timestamps)
-    train_set = build_dataset(cfg, "train", processor.feature_extractor, tokens)
-    test_set = build_dataset(cfg, "test", processor.feature_extractor, tokens) if cfg.test_data else None
+    index_for = index_loader(cfg, tokens, build=build_index)
+    train_set = build_dataset(cfg, "train", processor.feature_extractor, tokens, index_for)
+    test_set = build_dataset(cfg, "test", processor.feature_extractor, tokens, index_for) if cfg.test_data else None
     return train_set, test_set, tokens

@@ -47,18 +47,21 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 
 
-def _manifest_text(path: Path) -> str:
-    """The file as text; anything but UTF-8 is an error naming the line and byte where it stops being UTF-8."""
-    data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+def _manifest_text(path: Path, start: int = 0, end: int | None = None, first_line: int = 1) -> str:
+    """The file (or its bytes ``start:end``, which begin on line ``first_line``) as text; anything but UTF-8 is an
+    error naming the line and byte where it stops being UTF-8."""
+    with path.open("rb") as f:
+        f.seek(start)
+        data = f.read() if end is None else f.read(end - start)
+    if start == 0 and data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise ManifestError(f"{path}: the manifest is UTF-16; save it as UTF-8")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig" if start == 0 else "utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
+        line = first_line + data.count(b"\n", 0, err.start)
         raise ManifestError(
-            f"{path}:{line}: not UTF-8 (byte offset {err.start}, byte {data[err.start]:#04x}); save the manifest "
-            "as UTF-8"
+            f"{path}:{line}: not UTF-8 (byte offset {start + err.start}, byte {data[err.start]:#04x}); save the "
+            "manifest as UTF-8"
         ) from None
 
 
@@ -119,15 +122,24 @@ def _array_records(path: Path, text: str) -> list[tuple[int, object]]:
     return records
 
 
-def _manifest_records(path: Path) -> list[tuple[int, object]]:
+def is_json_array(path: Path) -> bool:
+    """Whether a manifest is one JSON array (else JSON Lines: one object per line)."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _manifest_records(path: Path, part: tuple[int, int, int] | None = None) -> list[tuple[int, object]]:
     """(line number, parsed JSON value) for each record of a JSON Lines file or a JSON array; the whole file
-    is read, and anything that is not part of the records is an error with its position."""
-    text = _manifest_text(path)
-    if text.lstrip().startswith("["):
+    is read, and anything that is not part of the records is an error with its position. ``part`` (JSON Lines
+    only): (first byte, end byte, first line) of whole lines to read instead."""
+    start, end, first_line = part or (0, None, 1)
+    text = _manifest_text(path, start, end, first_line)
+    if part is None and text.lstrip().startswith("["):
         return _array_records(path, text)
     records = []
     # split on "\n" only: str.splitlines would also break at U+2028 and friends, legal inside JSON strings
-    for line, raw in enumerate(text.split("\n"), start=1):
+    for line, raw in enumerate(text.split("\n"), start=first_line):
         if not raw.strip():
             continue
         value, end = _decode(raw, _skip_space(raw, 0), f"{path}:{line}")
@@ -181,29 +193,32 @@ def _decoded_durations(records: list, paths: list[Path], tolerance: float) -> li
     return durations
 
 
-def _audio_records(path: Path, tolerance: float) -> list[tuple[int, str, dict, Path, float]]:
-    """(line, where, record, audio file, decoded duration) of every record of a manifest."""
-    records = list(_checked_records(path))
-    if not records:
+def _audio_records(path: Path, tolerance: float, part=None) -> list[tuple[int, str, dict, Path, float]]:
+    """(line, where, record, audio file, decoded duration) of every record of a manifest (or of its ``part``)."""
+    records = list(_checked_records(path, part))
+    if not records and part is None:
         raise ManifestError(f"{path}: the manifest has no records")
     paths = [_audio_path(record, path, where) for _, where, record in records]
     durations = _decoded_durations(records, paths, tolerance)
     return [(*record, audio, duration) for record, audio, duration in zip(records, paths, durations)]
 
 
-def _checked_records(path: Path):
+def _checked_records(path: Path, part=None):
     """(line, where, record) for each record of a manifest that is a JSON object."""
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
-    for line, record in _manifest_records(path):
+    for line, record in _manifest_records(path, part):
         where = f"{path}:{line}"
         if not isinstance(record, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield line, where, record
 
 
-def read_manifest(path: str | Path, duration_tolerance: float = DURATION_TOLERANCE) -> list[PreferenceSample]:
-    """Parse and check every record of a manifest; audio paths resolve against its folder."""
+def read_manifest(
+    path: str | Path, duration_tolerance: float = DURATION_TOLERANCE, part: tuple[int, int, int] | None = None
+) -> list[PreferenceSample]:
+    """Parse and check every record of a manifest (or, JSON Lines only, of its ``part``: first byte, end byte and
+    first line of whole lines, as :func:`line_parts` cuts them); audio paths resolve against its folder."""
     path = Path(path)
     return [
         PreferenceSample(
@@ -213,8 +228,24 @@ def read_manifest(path: str | Path, duration_tolerance: float = DURATION_TOLERAN
             source=where,
             **parse_transcripts(record, where, duration),
         )
-        for _, where, record, full_path, duration in _audio_records(path, duration_tolerance)
+        for _, where, record, full_path, duration in _audio_records(path, duration_tolerance, part)
     ]
+
+
+def line_parts(path: Path, parts: int) -> list[tuple[int, int, int]]:
+    """A JSON Lines file cut into about ``parts`` runs of whole lines: (first byte, end byte, first line) each."""
+    size = path.stat().st_size
+    cuts, line, start = [], 1, 0
+    with path.open("rb") as f:
+        while start < size:
+            f.seek(min(size, start + max(1, size // parts)))
+            f.readline()  # to the end of the line the cut falls in
+            end = min(size, f.tell())
+            f.seek(start)
+            lines = f.read(end - start).count(b"\n")
+            cuts.append((start, end, line))
+            line, start = line + lines, end
+    return cuts
 
 
 def read_asr_manifest(path: str | Path, duration_tolerance: float = DURATION_TOLERANCE) -> list[AsrSample]:

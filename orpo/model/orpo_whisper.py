@@ -165,9 +165,11 @@ class ORPOWhisper(nn.Module):
         disable_prompt_loss: bool = True,
         selective_recompute: bool = False,
         logit_chunk_tokens: int = LOGIT_CHUNK_TOKENS,
+        log_mel: nn.Module | None = None,
     ):
         super().__init__()
         self.whisper = whisper
+        self.log_mel = log_mel  # with features_on_device: batches bring waveforms, features are computed here
         self.disable_prompt_loss = disable_prompt_loss
         self.selective_recompute = selective_recompute
         self.logit_chunk_tokens = logit_chunk_tokens
@@ -179,9 +181,18 @@ class ORPOWhisper(nn.Module):
                 stack.enter_context(selective_recompute(elementwise_modules(self.whisper)))
             return self._forward(batch)
 
+    def input_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's input of a batch: its log-mel features, or (``input_audio``, with ``features_on_device``)
+        those of its waveforms, computed here on the model's device."""
+        if "input_audio" not in batch:
+            return batch["input_features"]
+        if self.log_mel is None:
+            raise ValueError("the batch holds waveforms (input_audio) but the model has no LogMel to featurise them")
+        return self.log_mel(batch["input_audio"])
+
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         encoder, decoder, proj_out = whisper_parts(self.whisper)
-        features = batch["input_features"].to(encoder.conv1.weight.dtype)
+        features = self.input_features(batch).to(encoder.conv1.weight.dtype)
         features = spec_augment(whisper_base(self.whisper).model, features)
         # A frozen encoder (nothing in it trains) keeps no activations for backward.
         encoder_trains = any(p.requires_grad for p in encoder.parameters())

@@ -37,6 +37,7 @@ from orpo.files import write_text_atomic
 from orpo.loss.objective import Objective
 from orpo.model.fetch import check_model_source
 from orpo.model.load import check_hardware, load_processor, load_whisper, save_adapter, save_final_model
+from orpo.model.log_mel import LogMel
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
 from orpo.model.peft import adapter_hooks, apply_peft
 from orpo.scale.checks import check_launch_config
@@ -131,6 +132,8 @@ class ORPOTrainer:
             data_seed=cfg.seed,
         )
         self.train_log = TrainLog(self.accelerator)  # held in memory until output_dir may be written
+        if cfg.features_on_device is None:  # log-mel on the accelerator where there is one (config.yaml records it)
+            cfg.features_on_device = self.accelerator.device.type == "cuda"
         self.resume_dir = (
             resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir) if cfg.resume_from_checkpoint else None
         )
@@ -172,7 +175,7 @@ class ORPOTrainer:
         cfg = self.cfg
         self.processor = load_processor(cfg.base_model)
         self.model_config = WhisperConfig.from_pretrained(cfg.base_model)
-        self.train_set, self.test_set, self.tokens = build_datasets(cfg, self.processor, self.model_config)
+        self.train_set, self.test_set, self.tokens = self.checked_datasets()
         self.regression_set = (
             build_regression_dataset(cfg, self.processor.feature_extractor, self.tokens)
             if cfg.regression_data
@@ -211,6 +214,23 @@ class ORPOTrainer:
             if self.test_set
             else None
         )
+
+    def checked_datasets(self):
+        """The datasets, a manifest checked once per run: the main process checks it (or reads its cached index) and
+        the others read the index it wrote; an error stops every process with the main process's message."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return build_datasets(self.cfg, self.processor, self.model_config)
+        built, problem = None, None
+        if accelerator.is_main_process:
+            try:
+                built = build_datasets(self.cfg, self.processor, self.model_config)
+            except Exception as err:  # every process must hear of it, or the others wait here for ever
+                problem = err
+        problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise problem
+        return built or build_datasets(self.cfg, self.processor, self.model_config, build_index=False)
 
     def setup_pairs(self) -> None:
         """The objective, and the pair tables when the pairs change during the run (``refresh_pairs_steps``) or an
@@ -252,7 +272,10 @@ class ORPOTrainer:
         if cfg.freeze_encoder:
             freeze_encoder(whisper)
         self.model = ORPOWhisper(
-            whisper, disable_prompt_loss=cfg.disable_prompt_loss, selective_recompute=cfg.selective_recompute
+            whisper,
+            disable_prompt_loss=cfg.disable_prompt_loss,
+            selective_recompute=cfg.selective_recompute,
+            log_mel=LogMel(self.processor.feature_extractor) if cfg.features_on_device else None,
         )
         if cfg.torch_compile:
             for module in whisper.modules():

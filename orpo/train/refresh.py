@@ -37,7 +37,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from orpo.data.collate import GenerationCollator
+from orpo.data.collate import MODEL_INPUTS, GenerationCollator
 from orpo.data.pair_table import PairTable
 from orpo.eval.generate import (
     restore_training_modes,
@@ -49,6 +49,7 @@ from orpo.eval.nbest import Scorer, nbest_config, nbest_hypotheses
 from orpo.eval.reference import reference_logps
 from orpo.eval.text import wer_metrics
 from orpo.files import write_text_atomic
+from orpo.scale.launch import unwrap_model
 from orpo.scale.shards import process_share
 from orpo.train.state import batch_seed
 
@@ -123,6 +124,7 @@ class PairRefresher:
         """Every clip's hypotheses, best first, on every process (each decodes its share, then all are gathered)."""
         cfg, accelerator = self.cfg, self.accelerator
         whisper = whisper_for_generation(model, accelerator)
+        one_pass = unwrap_model(model, accelerator)  # featurises waveforms with features_on_device
         tokenizer = self.table.dataset.tokens.tokenizer
         config = nbest_config(whisper, tokenizer, cfg.refresh_num_beams, cfg.refresh_mode, cfg.refresh_temperature)
         clean = self.table.dataset.without_augmentation()
@@ -147,9 +149,10 @@ class PairRefresher:
                         disable=not accelerator.is_local_main_process,
                     ):
                         stop_between_batches(stop)
+                        inputs = {name: batch[name].to(device) for name in MODEL_INPUTS if name in batch}
                         lists = nbest_hypotheses(
                             whisper,
-                            batch["input_features"],
+                            one_pass.input_features(inputs),
                             batch["decoder_input_ids"],
                             tokenizer,
                             config,
@@ -175,7 +178,7 @@ class PairRefresher:
                 continue  # every hypothesis is right: the clip keeps the rejected transcripts it has
             if cfg.refresh_keep_manifest_rejected:
                 seen = {self.scorer.normalize(text, language) for text in wrong}
-                manifest = table.manifest_rejected[index]
+                manifest = table.manifest_rejected(index)
                 wrong += [text for text in manifest if self.scorer.normalize(text, language) not in seen]
             if wrong != table.rejected(index):
                 table.replace_rejected(index, wrong)
