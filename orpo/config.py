@@ -166,6 +166,20 @@ class TrainConfig(Config):
     augment_config_path: Optional[str] = _key(
         None, "JSON/YAML file describing audio augmentation of the training data (see docs/data.md, Augmentation)."
     )
+    streaming: bool = _key(
+        False,
+        "Read train_data as a stream instead of checking it up front: WebDataset .tar shards or parquet files (a "
+        "glob or comma-separated list), a directory saved with save_to_disk, or a dataset load_dataset can stream. "
+        "Needs max_steps; each process reads its own part; the position is in every checkpoint.",
+    )
+    shuffle_buffer: int = _key(
+        1000, "streaming: rows read and shuffled (or, with group_by_length, grouped by length) at a time."
+    )
+    max_bad_samples: int = _key(
+        0,
+        "streaming: bad samples (a row that does not parse, audio that does not decode) a run may skip, each logged "
+        "and listed in output_dir/bad_samples.jsonl; one more stops the run. Never replaced by another sample.",
+    )
     num_workers: int = _key(0, "DataLoader worker processes.")
     num_proc: Optional[int] = _key(
         None,
@@ -413,6 +427,7 @@ class TrainConfig(Config):
         self.check_regression()
         self.check_objective()
         self.check_refresh()
+        self.check_streaming()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0", key="num_train_epochs")
         self.check_combinations()
@@ -484,6 +499,25 @@ class TrainConfig(Config):
                 "network with its adapter switched off; a full fine-tune keeps no copy of the base model. Set peft: "
                 "lora, or use a reference-free loss_type (orpo, simpo, cpo)",
                 key="loss_type",
+            )
+
+    def check_streaming(self) -> None:
+        """A stream has no length (the run needs max_steps) and no pair table (refreshed pairs, reference
+        log-probs)."""
+        for name in ("shuffle_buffer",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        if self.max_bad_samples < 0:
+            raise ConfigError(f"max_bad_samples must be >= 0, got {self.max_bad_samples}", key="max_bad_samples")
+        if not self.streaming:
+            return
+        if self.max_steps <= 0:
+            raise ConfigError("streaming: true reads data of unknown length: set max_steps", key="max_steps")
+        if self.refresh_pairs_steps or self.loss_type in ("dpo", "ipo"):
+            raise ConfigError(
+                "refresh_pairs_steps and loss_type dpo/ipo keep a table of every training pair, which a stream does "
+                "not have: train on a manifest or a saved dataset (streaming: false) for them",
+                key="streaming",
             )
 
     def check_regression(self) -> None:
@@ -626,6 +660,21 @@ class MakePairsConfig(Config):
                 "the wrong hypotheses come from the n-best list",
                 key="num_beams",
             )
+
+
+@dataclass
+class MakeShardsConfig(Config):
+    """``whisper-orpo make-shards MANIFEST OUT``: a preference manifest as WebDataset tar shards, for training with
+    ``streaming: true``."""
+
+    manifest: Optional[str] = _key(None, "The preference manifest to write as shards.", required=True, positional=True)
+    out: Optional[str] = _key(None, "Folder for the shards (NAME-000000.tar, ...).", required=True, positional=True)
+    samples_per_shard: int = _key(1000, "Samples per tar shard.")
+    overwrite: bool = _key(False, "Write into OUT even if it holds files.")
+
+    def check(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}", key="samples_per_shard")
 
 
 CT2_QUANTIZATIONS = ("int8", "float16", "int8_float16", "int8_float32", "int8_bfloat16", "bfloat16", "float32")

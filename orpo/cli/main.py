@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from orpo.cli import evaluate, export, fetch_model, make_pairs, memory, plot, train
+from orpo.cli import evaluate, export, fetch_model, make_pairs, make_shards, memory, plot, train
 
 COMMANDS = {
     "train": train,
     "evaluate": evaluate,
     "make-pairs": make_pairs,
+    "make-shards": make_shards,
     "export": export,
     "plot": plot,
     "memory": memory,

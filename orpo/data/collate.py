@@ -14,6 +14,7 @@ from orpo.data.tokens import WhisperTokens
 
 IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_features", "input_audio")  # log-mel features, or waveforms featurised on the device
+STREAM_RECORDS = ("bad_samples", "dropped")  # what a streamed batch reports of the samples it skipped
 
 
 def stacked_model_input(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -66,11 +67,16 @@ class PreferenceCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        return {
+        batch = {
             **stacked_model_input(features),
             **decoder_rows([f["segments"] for f in features], self.pad_token_id),
             "sample_index": torch.tensor([f["index"] for f in features], dtype=torch.long),
         }
+        if "source" in features[0]:  # a streamed batch: its clips' sources, and what the stream skipped on the way
+            batch["sources"] = [f["source"] for f in features]
+            for kind in STREAM_RECORDS:
+                batch[kind] = [record for f in features for record in f.get(kind, [])]
+        return batch
 
 
 class GenerationCollator:

@@ -125,15 +125,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
         audio = load_sample_audio(item.sample)
         if self.augment is not None:
             audio = self.augment(audio, index, self.epoch)
-        return {**self.model_input(audio), "segments": item.segments, "index": index}
+        return {**model_input(audio, self.feature_extractor, self.raw_audio), "segments": item.segments, "index": index}
 
-    def model_input(self, audio: np.ndarray) -> dict[str, np.ndarray]:
-        """What the model reads of a clip: its log-mel features, or (``raw_audio``) its padded waveform."""
-        if self.raw_audio:
-            window = self.feature_extractor.n_samples
-            return {"input_audio": np.pad(audio[:window].astype(np.float32), (0, max(0, window - len(audio))))}
-        features = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
-        return {"input_features": features}
+
+def model_input(audio: np.ndarray, feature_extractor, raw_audio: bool) -> dict[str, np.ndarray]:
+    """What the model reads of a clip: its log-mel features, or (``raw_audio``) its waveform padded to the window."""
+    if raw_audio:
+        window = feature_extractor.n_samples
+        return {"input_audio": np.pad(audio[:window].astype(np.float32), (0, max(0, window - len(audio))))}
+    features = feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+    return {"input_features": features}
 
 
 class IndexedItems:
@@ -298,12 +299,13 @@ def build_regression_dataset(cfg, feature_extractor, tokens: WhisperTokens) -> P
 
 def build_datasets(
     cfg, processor, model_config, build_index: bool = True
-) -> tuple[PreferenceDataset, PreferenceDataset | None, WhisperTokens]:
-    """The recipe's training and (when ``test_data`` is set) evaluation datasets, read and checked in full,
-    and the token builder they were tokenised with. ``build_index`` False: manifests were checked by another
-    process, whose cached index is read (:func:`index_loader`)."""
+) -> tuple[PreferenceDataset | None, PreferenceDataset | None, WhisperTokens]:
+    """The recipe's training (None with ``streaming``) and (when ``test_data`` is set) evaluation datasets, read
+    and checked in full, and the token builder they were tokenised with. ``build_index`` False: manifests were
+    checked by another process, whose cached index is read (:func:`index_loader`)."""
     tokens = WhisperTokens.for_model(processor.tokenizer, model_config, cfg.task, cfg.timestamps)
     index_for = index_loader(cfg, tokens, build=build_index)
-    train_set = build_dataset(cfg, "train", processor.feature_extractor, tokens, index_for)
+    # a streamed training set is read while training (orpo.data.stream), not here
+    train_set = None if cfg.streaming else build_dataset(cfg, "train", processor.feature_extractor, tokens, index_for)
     test_set = build_dataset(cfg, "test", processor.feature_extractor, tokens, index_for) if cfg.test_data else None
     return train_set, test_set, tokens

@@ -22,8 +22,10 @@ Audio is read lazily, row by row, when the clip is needed.
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,92 @@ def _open_dataset(spec: str, split: str, config_name: str | None):
             "manifest (.jsonl/.json), a directory saved with save_to_disk, or a dataset load_dataset can reach"
         ) from None
     return loaded, f"dataset {described}", path if path.is_dir() else None
+
+
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3", "opus")  # a WebDataset sample's audio member
+
+
+def open_stream(spec: str, split: str, config_name: str | None):
+    """A Hugging Face ``IterableDataset`` over ``spec`` read as a stream, its label for messages, and the folder
+    relative audio paths resolve against: WebDataset tar shards (a glob or comma-separated list of ``.tar``
+    files: each sample ``KEY.flac``/``.wav`` with ``KEY.json`` holding the manifest fields), parquet files, a
+    directory saved with ``save_to_disk`` (read in shards), or a dataset name (``load_dataset(...,
+    streaming=True)``). Audio columns are read as their stored bytes or paths, never decoded by ``datasets``."""
+    import datasets
+
+    files = sorted({f for part in spec.split(",") for f in glob.glob(os.path.expanduser(part.strip()))})
+    path = Path(spec)
+    try:
+        if files and all(f.endswith(".tar") for f in files):
+            return _tar_stream(files), f"WebDataset {spec}", None
+        if files and all(f.endswith(".parquet") for f in files):
+            stream = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=True)
+            return stream, f"parquet {spec}", Path(files[0]).parent
+        if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+            dataset, label, base = _open_dataset(spec, split, config_name)
+            return dataset.to_iterable_dataset(num_shards=min(len(dataset), 64)), label, base
+        stream = datasets.load_dataset(spec, config_name, split=split, streaming=True)
+    except ManifestError:
+        raise
+    except Exception as err:
+        raise ManifestError(
+            f"{spec}: cannot read it as a stream ({type(err).__name__}: {err}). With streaming: true, train_data "
+            "takes WebDataset .tar shards, parquet files (a glob or a comma-separated list), a directory saved with "
+            "save_to_disk, or a dataset name load_dataset can stream"
+        ) from None
+    return stream, f"dataset {spec} (split {split}, streamed)", path if path.is_dir() else None
+
+
+def _tar_stream(files: list[str]):
+    """WebDataset shards through ``datasets``' own reader, audio members kept as bytes (``datasets`` would
+    decode them with torchcodec)."""
+    import datasets
+
+    probe = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True)
+    features = datasets.Features(
+        {
+            name: datasets.Value("binary") if isinstance(kind, datasets.Audio) else kind
+            for name, kind in probe.features.items()
+        }
+    )
+    return datasets.load_dataset(
+        "webdataset", data_files={"train": files}, split="train", streaming=True, features=features
+    )
+
+
+def stream_row(row: dict, audio_column: str) -> tuple[dict, str]:
+    """A streamed row as a record of columns (a WebDataset sample's JSON member opened up), and its audio
+    column (a WebDataset sample's audio member when ``audio_column`` is not in the row)."""
+    if isinstance(row.get("json"), dict):
+        row = {**row["json"], **{k: v for k, v in row.items() if k != "json"}}
+    if audio_column not in row:
+        audio_column = next((name for name in AUDIO_EXTENSIONS if name in row), audio_column)
+    if isinstance(row.get(audio_column), bytes):
+        row = {**row, audio_column: {"bytes": row[audio_column]}}
+    return row, audio_column
+
+
+def stream_where(label: str, row: dict, ordinal: int) -> str:
+    """How a streamed row is named in messages: its shard and key when it has them, else its position."""
+    if row.get("__key__"):
+        return f"{row.get('__url__', label)}, sample {row['__key__']}"
+    return f"{label}, row {ordinal} of this process's stream"
+
+
+def stream_sample(row: dict, where: str, audio_column: str, base: Path | None, columns: dict, duration: float):
+    """A streamed row's transcripts and language as a preference sample; ``duration`` as far as known (decoded, or
+    infinite before its audio is read: the checks that need it run again once it is)."""
+    language_key = columns["language"] or ("language" if "language" in row else None)
+    language = language_field(row, where, key=language_key, kind="column") if language_key else None
+    source = _audio_input(row.get(audio_column), where, audio_column, base)
+    transcripts = parse_transcripts(row, where, duration, columns["chosen"], columns["rejected"], kind="column")
+    path = source if isinstance(source, Path) else None
+    return PreferenceSample(audio_path=path, duration=duration, language=language, source=where, **transcripts)
+
+
+def stream_audio(row: dict, where: str, audio_column: str, base: Path | None) -> np.ndarray:
+    """A streamed row's audio, decoded (16 kHz mono); a clip that does not decode is a ManifestError naming it."""
+    return _checked(load_audio, _audio_input(row.get(audio_column), where, audio_column, base), where, audio_column)
 
 
 def _resolve(path_text: str, base: Path | None) -> Path:

@@ -177,7 +177,9 @@ def _decoded_durations(records: list, paths: list[Path], tolerance: float) -> li
     """Every clip decoded in full, in parallel; the first bad one in file order is the error. A clip that
     decodes shorter or longer than its record's ``duration`` by more than ``tolerance`` seconds is truncated
     (or the duration is wrong): training it would pair part of the audio with the whole transcript."""
-    decoded = audio_durations(paths, desc="check audio")
+    unique = list(dict.fromkeys(paths))  # a file several lines name is decoded once
+    by_path = dict(zip(unique, audio_durations(unique, desc="check audio")))
+    decoded = [by_path[path] for path in paths]
     durations = []
     for (_, where, record), duration in zip(records, decoded):
         if isinstance(duration, ManifestError):

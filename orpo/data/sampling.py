@@ -45,7 +45,7 @@ class LengthGroupedSampler(Sampler[int]):
 
 def packed_lengths(dataset) -> list[int]:
     """Decoder row length of each clip of a PreferenceDataset: all its transcripts packed side by side."""
-    return [sum(len(ids) - 1 for ids, _ in item.segments) for item in dataset.items]
+    return dataset.packed_lengths()
 
 
 def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:

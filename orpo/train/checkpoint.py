@@ -371,20 +371,30 @@ def load_state_objects(objects: dict, folder: Path) -> None:
         obj.load_state_dict(states[name])
 
 
-def register_checkpoint_hooks(accelerator, model, objects: dict, adapter_only: bool) -> None:
+def process_state_names(process_objects: dict, world_size: int) -> list[str]:
+    """The file names (less ``.json``) of objects every process keeps its own of: ``NAME_RANK``."""
+    return [f"{name}_{rank}" for name in process_objects for rank in range(world_size)]
+
+
+def register_checkpoint_hooks(accelerator, model, objects: dict, adapter_only: bool, process_objects=None) -> None:
     """What ``save_state``/``load_state`` do beyond Accelerate's own files: ``objects`` (name: an object with
-    ``state_dict``/``load_state_dict``, such as the scheduler) kept as JSON and safetensors, never pickled; the
+    ``state_dict``/``load_state_dict``, such as the scheduler) kept as JSON and safetensors, never pickled, and
+    ``process_objects`` likewise, one file per process (``NAME_RANK``: a streamed loader's position); the
     weights of the prepared ``model`` kept whole, or with PEFT only the adapter (the frozen base is loaded from
     base_model again), every key checked when loading."""
+    rank = accelerator.process_index
+    own = {f"{name}_{rank}": obj for name, obj in (process_objects or {}).items()}
 
     def save_files(models, weights, folder):
         if weights:
             weights[0] = checkpoint_state_dict(unwrap_model(models[0], accelerator), adapter_only)
         if accelerator.is_main_process:
             save_state_objects(objects, Path(folder))
+        save_state_objects(own, Path(folder))
 
     def load_files(models, folder):
         load_state_objects(objects, Path(folder))
+        load_state_objects(own, Path(folder))
         if models:
             load_checkpoint_weights(unwrap_model(models[0], accelerator), Path(folder), adapter_only)
             models.clear()

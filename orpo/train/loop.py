@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import WhisperConfig, get_scheduler
@@ -47,6 +47,7 @@ from orpo.train.checkpoint import (
     check_checkpoint_files,
     checkpoint_name,
     load_checkpoint,
+    process_state_names,
     read_trainer_state,
     register_checkpoint_hooks,
     remove_stale_staging,
@@ -62,6 +63,7 @@ from orpo.train.run_folder import RunLock, check_output_dir, move_earlier_run
 from orpo.train.selection import ModelSelection, check_metric_name, selection_on
 from orpo.train.signals import StopSignal, ignore_stop_signals
 from orpo.train.state import TrainState, batch_seed, check_position_settings, run_settings
+from orpo.train.streamed import BadSamples, stream_loader
 
 logger = logging.getLogger("orpo")
 
@@ -77,16 +79,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def nonfinite_samples(pending: list, dataset) -> list[str]:
-    """Where the non-finite losses of one optimizer step came from ("file:line"): the clips whose own loss is
-    NaN/Inf, or every clip of a micro-batch whose total loss alone is (e.g. the AdaLoRA penalty)."""
-    indices = []
-    for loss, per_clip, sample_index in pending:
-        clip_finite = torch.isfinite(per_clip["loss"])
-        if not bool(clip_finite.all()):
-            indices += sample_index[~clip_finite].tolist()
-        elif not bool(torch.isfinite(loss)):
-            indices += sample_index.tolist()
-    return [dataset.items[i].sample.source for i in indices]
+    """Where the non-finite losses of one optimizer step came from ("file:line", or a stream's shard and key): the
+    clips whose own loss is NaN/Inf, or every clip of a micro-batch whose total loss alone is (e.g. the AdaLoRA
+    penalty). A micro-batch names its clips by dataset index, or (streamed) by their sources."""
+    names = []
+    for loss, per_clip, clips in pending:
+        bad = (~torch.isfinite(per_clip["loss"])).tolist()
+        if not any(bad) and not bool(torch.isfinite(loss)):
+            bad = [True] * len(bad)
+        picked = [clip for clip, is_bad in zip(clips if isinstance(clips, list) else clips.tolist(), bad) if is_bad]
+        names += [clip if isinstance(clip, str) else dataset.items[clip].sample.source for clip in picked]
+    return names
 
 
 def resume_command(output_dir: Path, num_processes: int) -> str:
@@ -181,15 +184,22 @@ class ORPOTrainer:
             if cfg.regression_data
             else None
         )
+        if cfg.streaming:
+            self.train_set, self.train_loader = stream_loader(
+                cfg, self.processor, self.tokens, self.accelerator, ignore_stop_signals if cfg.num_workers else None
+            )
         logger.info(
-            "training clips: %d, evaluation clips: %d%s",
-            len(self.train_set),
+            "training clips: %s, evaluation clips: %d%s",
+            "streamed" if cfg.streaming else len(self.train_set),
             len(self.test_set) if self.test_set else 0,
             f", regression clips: {len(self.regression_set)}" if self.regression_set else "",
         )
         self.setup_pairs()
         collator = PreferenceCollator(pad_token_id=self.tokens.eot)
         self.worker_init = ignore_stop_signals if cfg.num_workers > 0 else None
+        self.test_loader = self.eval_loader(collator)
+        if cfg.streaming:
+            return
         order = (
             {"sampler": LengthGroupedSampler(packed_lengths(self.train_set), cfg.per_device_train_batch_size, cfg.seed)}
             if cfg.group_by_length
@@ -203,16 +213,17 @@ class ORPOTrainer:
             worker_init_fn=self.worker_init,
             **order,
         )
-        self.test_loader = (
-            DataLoader(
-                self.test_set,
-                batch_size=cfg.per_device_eval_batch_size,
-                collate_fn=collator,
-                num_workers=cfg.num_workers,
-                worker_init_fn=self.worker_init,
-            )
-            if self.test_set
-            else None
+
+    def eval_loader(self, collator) -> DataLoader | None:
+        """The loader over the test set (None without test_data)."""
+        if not self.test_set:
+            return None
+        return DataLoader(
+            self.test_set,
+            batch_size=self.cfg.per_device_eval_batch_size,
+            collate_fn=collator,
+            num_workers=self.cfg.num_workers,
+            worker_init_fn=self.worker_init,
         )
 
     def checked_datasets(self):
@@ -253,12 +264,14 @@ class ORPOTrainer:
     def setup_schedule(self) -> None:
         """Optimizer steps per epoch and in all; the checkpoint to resume from must fit this run."""
         cfg, world = self.cfg, self.accelerator.num_processes
-        batches_per_process = math.ceil(len(self.train_loader) / world)
-        self.steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
+        self.steps_per_epoch = None  # a stream's length is not known
+        if not cfg.streaming:
+            batches_per_process = math.ceil(len(self.train_loader) / world)
+            self.steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
         self.total_steps = (
             cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
         )
-        self.settings = run_settings(cfg, world, len(self.train_set))
+        self.settings = run_settings(cfg, world, None if cfg.streaming else len(self.train_set))
         self.resumed = {}
         if self.resume_dir is not None:
             self.resumed = read_trainer_state(self.resume_dir)
@@ -288,7 +301,12 @@ class ORPOTrainer:
         cfg, accelerator = self.cfg, self.accelerator
         optimizer = make_optimizer(self.model, cfg)
         fill_deepspeed_config(accelerator, cfg, self.model_config)  # DeepSpeed "auto" values from the recipe
-        self.model, self.optimizer, self.train_loader = accelerator.prepare(self.model, optimizer, self.train_loader)
+        if cfg.streaming:  # each process reads its own part of the stream: the loader is not sharded again
+            self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        else:
+            self.model, self.optimizer, self.train_loader = accelerator.prepare(
+                self.model, optimizer, self.train_loader
+            )
         self.wer_eval = None
         if self.test_loader is not None:
             self.test_loader = accelerator.prepare(self.test_loader)
@@ -314,7 +332,11 @@ class ORPOTrainer:
         if cfg.refresh_pairs_steps > 0:
             needs_reference = self.objective.needs_reference
             self.refresher = PairRefresher(cfg, self.pairs, accelerator, needs_reference, self.output_dir)
-        register_checkpoint_hooks(accelerator, self.model, self.checkpoint_objects, adapter_only=cfg.peft != "none")
+        # a streamed loader's position is each process's own
+        self.process_objects = {"stream": self.train_loader} if cfg.streaming else {}
+        register_checkpoint_hooks(
+            accelerator, self.model, self.checkpoint_objects, cfg.peft != "none", process_objects=self.process_objects
+        )
         init_trackers(accelerator, cfg, self.output_dir)
         self.log = MetricsLog(accelerator, self.output_dir)
 
@@ -329,17 +351,19 @@ class ORPOTrainer:
         )
         self.guard = ForgettingGuard.from_config(self.cfg)
         self.pending_refresh = None  # the step of a refresh that a stop signal interrupted: done first on resume
+        self.bad_samples = BadSamples(self.cfg.max_bad_samples, self.output_dir, accelerator)
         if self.resume_dir is None:
             return
         check_checkpoint_files(
             self.resume_dir,
             accelerator.num_processes,
-            self.checkpoint_objects,
+            list(self.checkpoint_objects) + process_state_names(self.process_objects, accelerator.num_processes),
             scaler=accelerator.scaler is not None,
             deepspeed=uses_deepspeed(),
         )
         load_checkpoint(accelerator, self.resume_dir)
-        self.state = TrainState.from_record(self.resumed, accelerator, len(self.train_loader))
+        batches = None if self.cfg.streaming else len(self.train_loader)  # a stream's position is its loader's
+        self.state = TrainState.from_record(self.resumed, accelerator, batches)
         logger.info(
             "resumed from %s: step %d of %d, epoch %d, %d batches into it",
             self.resume_dir,
@@ -352,6 +376,7 @@ class ORPOTrainer:
         self.guard.set_base(self.base_results or {})
         self.guard.over_limit = list(self.resumed.get("regression_over_limit", []))
         self.pending_refresh = self.resumed.get("pending_refresh")
+        self.bad_samples.total = self.resumed.get("bad_samples", 0)
 
     # ----------------------------------------------------------------------------------------------
     # train
@@ -361,9 +386,9 @@ class ORPOTrainer:
         the run: it then saves a checkpoint and says how to resume)."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         logger.info(
-            "optimizer steps: %d (%d per epoch), processes: %d, distributed: %s, global batch: %d clips",
+            "optimizer steps: %d (%s per epoch), processes: %d, distributed: %s, global batch: %d clips",
             self.total_steps,
-            self.steps_per_epoch,
+            self.steps_per_epoch or "a stream: unknown",
             accelerator.num_processes,
             accelerator.distributed_type.value,
             cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
@@ -402,6 +427,10 @@ class ORPOTrainer:
         """This epoch's batches: the same permutation on every process and after a resume (seed + epoch); a run
         resumed mid-epoch skips the batches it has already seen."""
         state = self.state
+        if self.cfg.streaming:  # endless: the stream starts again by itself, the loop stops at max_steps
+            self.stream_batches = iter(self.train_loader)
+            device = self.accelerator.device
+            return (send_to_device(self.bad_samples.take(batch), device) for batch in self.stream_batches)
         self.train_loader.set_epoch(state.epoch)
         self.train_set.set_epoch(state.epoch)  # augmentation draws from (seed, epoch, clip index)
         if state.step_in_epoch == 0:
@@ -422,7 +451,7 @@ class ORPOTrainer:
             loss, per_clip = self.objective(self.model(batch), batch)
             loss = self.adapters.regularise(loss, per_clip)
             accelerator.backward(loss)  # on every process even when non-finite: DDP's all-reduce needs all
-        self.pending.append((loss.detach(), per_clip, batch["sample_index"]))
+        self.pending.append((loss.detach(), per_clip, batch.get("sources", batch["sample_index"])))
         if self.cfg.log_grad_share:
             self.last_batch = batch
 
@@ -432,9 +461,11 @@ class ORPOTrainer:
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         nonfinite = torch.stack([~torch.isfinite(p[0]) for p in self.pending]).any().double()
         stop = torch.tensor(float(self.stop.received is not None), dtype=torch.float64)
-        flags = torch.stack([nonfinite.to(accelerator.device), stop.to(accelerator.device)])
+        bad = torch.tensor(float(len(self.bad_samples.new)), dtype=torch.float64)
+        flags = torch.stack([nonfinite.to(accelerator.device), stop.to(accelerator.device), bad.to(accelerator.device)])
         flags = accelerator.reduce(flags, reduction="sum").tolist()
         nonfinite, stop_requested = flags[0] > 0, flags[1] > 0
+        self.bad_samples.settle(state.global_step + 1, any_new=flags[2] > 0)
         self.grad_norm = None
         if not nonfinite and cfg.max_grad_norm > 0:
             self.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -507,7 +538,10 @@ class ORPOTrainer:
         state = self.state
         metrics = state.window.mean(self.accelerator)
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
-        metrics["epoch"] = state.global_step / self.steps_per_epoch
+        if self.steps_per_epoch:
+            metrics["epoch"] = state.global_step / self.steps_per_epoch
+        if self.cfg.streaming:
+            metrics["bad_samples"] = self.bad_samples.total
         metrics["skipped_nonfinite"] = state.skipped_total
         if self.grad_norm is not None and math.isfinite(float(self.grad_norm)):
             metrics["grad_norm"] = float(self.grad_norm)
@@ -618,6 +652,7 @@ class ORPOTrainer:
         keep = None
         record["regression_over_limit"] = self.guard.over_limit
         record["pending_refresh"] = self.pending_refresh
+        record["bad_samples"] = self.bad_samples.total
         if self.selection is not None:
             record["best"] = self.selection.best.record()
             keep = self.selection.best.checkpoint
@@ -737,6 +772,10 @@ class ORPOTrainer:
             print(message, flush=True)
 
     def cleanup(self) -> None:
+        # an endless stream's loader workers are stopped now, not left to interpreter shutdown (which can hang)
+        shutdown_workers = getattr(getattr(self, "stream_batches", None), "_shutdown_workers", None)
+        if shutdown_workers is not None:
+            shutdown_workers()
         self.stop.restore()
         if self.train_log is not None:
             self.train_log.close()

@@ -127,7 +127,7 @@ class TrainState:
         }
 
     @classmethod
-    def from_record(cls, record: dict, accelerator, batches_per_epoch: int) -> "TrainState":
+    def from_record(cls, record: dict, accelerator, batches_per_epoch: int | None) -> "TrainState":
         state = cls(
             record["global_step"],
             record["epoch"],
@@ -136,6 +136,6 @@ class TrainState:
             record.get("nonfinite_in_a_row", 0),
         )
         state.window.load_global_state(record.get("metric_window", {}), accelerator)
-        if state.step_in_epoch >= batches_per_epoch:  # saved at the end of an epoch
+        if batches_per_epoch is not None and state.step_in_epoch >= batches_per_epoch:  # saved at an epoch's end
             state.next_epoch()
         return state
