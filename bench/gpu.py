@@ -12,10 +12,12 @@ Randomly initialised models of the real shapes (no hub needed), float32 weights 
 3. the largest batch each way fits (doubling, then bisection, capped by ``--max-batch``);
 4. samples/s of a full step, and that as a fraction of the FLOP floor (``bench/floor.py``) at the measured
    peak;
-5. which SDPA kernel serves each attention (encoder, decoder self-attention under the block-causal mask,
+5. samples/s of the one-pass step fed host log-mel features against raw waveforms featurised on the device
+   (``features_on_device``);
+6. which SDPA kernel serves each attention (encoder, decoder self-attention under the block-causal mask,
    cross-attention), read from the profiler's op names;
-6. one LoRA step with ``load_in_8bit`` and with ``load_in_4bit`` through the trainer's own loading code;
-7. one DeepSpeed ZeRO-2 step through the trainer's accelerator set-up, in a child process.
+7. one LoRA step with ``load_in_8bit`` and with ``load_in_4bit`` through the trainer's own loading code;
+8. one DeepSpeed ZeRO-2 step through the trainer's accelerator set-up, in a child process.
 
 ``--dry-run`` runs every one of these on CPU with the ``test`` shape (bitsandbytes' CPU backend, DeepSpeed's
 CPU accelerator over gloo); CUDA-only figures (peak memory) are then absent, and nothing is written to
@@ -51,6 +53,7 @@ from step import SHAPES, build_batch, build_model, forward, rejected_lengths, va
 from orpo.config import TrainConfig  # noqa: E402
 from orpo.loss.orpo import orpo_loss  # noqa: E402
 from orpo.model.load import load_whisper  # noqa: E402
+from orpo.model.log_mel import LogMel  # noqa: E402
 from orpo.model.orpo_whisper import ORPOWhisper  # noqa: E402
 from orpo.model.peft import apply_peft  # noqa: E402
 from orpo.train.loop import make_optimizer  # noqa: E402
@@ -317,6 +320,37 @@ def zero2_worker(size: str, bench: Bench) -> None:
     print(json.dumps(result))
 
 
+def features_throughput(model, size: str, batch_size: int, bench: Bench) -> dict:
+    """Samples/s of full one-pass steps fed log-mel features (as the data loader computes them with
+    ``features_on_device: false``) and fed raw 30 s waveforms whose log-mel the step computes on the device
+    (``features_on_device: true``, :class:`orpo.model.log_mel.LogMel`). The loader's side of each is
+    ``bench/data.py``'s per-worker rate."""
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor(feature_size=SHAPES[size].mels)
+    batch = build_batch(batch_size, TOKENS, REJECTED, SHAPES[size].mels, bench.device, torch.float32, seed=5)
+    audio = 0.1 * torch.randn(batch_size, extractor.n_samples, generator=torch.Generator().manual_seed(5))
+    waveforms = {k: v for k, v in batch.items() if k != "input_features"} | {"input_audio": audio.to(bench.device)}
+    one_pass = ORPOWhisper(model, log_mel=LogMel(extractor).to(bench.device))
+    optimizer = optimizer_for(model)
+    result = {"batch": batch_size}
+    for name, inputs in (("host features", batch), ("on-device features", waveforms)):
+
+        def work(inputs=inputs):
+            with bench.autocast():
+                out = one_pass(inputs)
+                loss, _ = orpo_loss(
+                    out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], 0.1
+                )
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = bench.timed(work, repeats=2 if bench.dry_run else 5)
+        result[name] = batch_size / statistics.median(seconds)
+    return result
+
+
 def measure_fixed_batch(size: str, fixed_batch: int, peak_flops: float, bench: Bench) -> dict:
     """Peak memory of every variant, SDPA kernels and throughput of one model size at its fixed batch."""
     model = build_model(size, bench.device, torch.float32)
@@ -329,6 +363,8 @@ def measure_fixed_batch(size: str, fixed_batch: int, peak_flops: float, bench: B
     for variant in SEARCH_VARIANTS:
         result["throughput"][variant] = throughput(model, size, fixed_batch, variant, peak_flops, bench)
         progress(f"{size}: {variant} throughput {result['throughput'][variant]}")
+    result["features"] = features_throughput(model, size, fixed_batch, bench)
+    progress(f"{size}: samples/s with host and on-device log-mel features {result['features']}")
     return result
 
 
@@ -412,6 +448,14 @@ def results_section(report: dict) -> str:
                 f"| {size} | {variant} | {t['batch']} | {t['seconds_median']:.3f} ({t['seconds_min']:.3f}–"
                 f"{t['seconds_max']:.3f}) | {t['samples_per_s']:.2f} | {t['floor_fraction']:.1%} | {found} |"
             )
+    lines += [
+        "",
+        "| model | batch | samples/s, host log-mel features | samples/s, on-device log-mel |",
+        "|---|---|---|---|",
+    ]
+    for size, figures in report["sizes"].items():
+        f = figures["features"]
+        lines.append(f"| {size} | {f['batch']} | {f['host features']:.2f} | {f['on-device features']:.2f} |")
     lines += ["", "| model | attention | SDPA kernel (profiler) |", "|---|---|---|"]
     for size, figures in report["sizes"].items():
         lines += [f"| {size} | {kind} | {kernel} |" for kind, kernel in figures["sdpa_kernels"].items()]

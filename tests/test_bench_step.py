@@ -146,6 +146,7 @@ def test_the_gpu_script_dry_run_takes_every_path_on_cpu(tmp_path):
         "decoder self-attention (block-causal mask)",
     }
     assert all(figures["throughput"][v]["samples_per_s"] > 0 for v in gpu.SEARCH_VARIANTS)
+    assert figures["features"]["host features"] > 0 and figures["features"]["on-device features"] > 0
     assert all(figures["largest_batch"][v]["batch"] == 4 for v in gpu.SEARCH_VARIANTS)
     for check in [*report["quantized_lora"].values(), report["zero2"]]:
         assert torch.isfinite(torch.tensor(check["loss"])) and check["seconds"] > 0
@@ -154,3 +155,4 @@ def test_the_gpu_script_dry_run_takes_every_path_on_cpu(tmp_path):
     section = results.read_text()
     assert "CPU (dry run)" in section and "| test | decoder self-attention (block-causal mask) |" in section
     assert "| ZeRO-2 | test |" in section and "| LoRA, 4-bit | test |" in section
+    assert "samples/s, on-device log-mel" in section
