@@ -192,11 +192,12 @@ def test_a_skipped_sample_is_never_replaced_by_another(sources, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_stream_their_own_parts_and_resume_exactly(tiny_model_dir, sources, tmp_path):
+@pytest.mark.parametrize("source", ["webdataset", "saved"])
+def test_two_processes_stream_their_own_parts_and_resume_exactly(tiny_model_dir, sources, tmp_path, source):
     def launch(output_dir: Path, *extra: str) -> str:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         command += [str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2"]
-        command += [str(ROOT / "train.py"), "--base_model", str(tiny_model_dir), "--train_data", sources["webdataset"]]
+        command += [str(ROOT / "train.py"), "--base_model", str(tiny_model_dir), "--train_data", sources[source]]
         command += ["--streaming", "true", "--shuffle_buffer", "4", "--output_dir", str(output_dir)]
         command += ["--max_steps", "6", "--per_device_train_batch_size", "2", "--logging_steps", "1"]
         command += ["--report_to", "none", "--learning_rate", "1e-3", "--save_steps", "3", *extra]
