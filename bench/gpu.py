@@ -48,10 +48,9 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from floor import Step, step_flops  # noqa: E402
-from step import SHAPES, build_batch, build_model, forward, rejected_lengths, variant_settings  # noqa: E402
+from step import ORPO, SHAPES, build_batch, build_model, forward, rejected_lengths, variant_settings  # noqa: E402
 
 from orpo.config import TrainConfig  # noqa: E402
-from orpo.loss.orpo import orpo_loss  # noqa: E402
 from orpo.model.load import load_whisper  # noqa: E402
 from orpo.model.log_mel import LogMel  # noqa: E402
 from orpo.model.orpo_whisper import ORPOWhisper  # noqa: E402
@@ -254,9 +253,7 @@ def quantized_lora_step(size: str, bits: int, bench: Bench) -> dict:
         start = time.perf_counter()
         with bench.autocast():
             out = model(batch)
-            loss, _ = orpo_loss(
-                out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], 0.1
-            )
+            loss, _ = ORPO(out)
         loss.backward()
         optimizer.step()
         bench.synchronize()
@@ -311,7 +308,7 @@ def zero2_worker(size: str, bench: Bench) -> None:
     with bench.peak_memory(result):
         start = time.perf_counter()
         out = model(batch)
-        loss, _ = orpo_loss(out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], 0.1)
+        loss, _ = ORPO(out)
         accelerator.backward(loss)
         optimizer.step()
         bench.synchronize()
@@ -339,9 +336,7 @@ def features_throughput(model, size: str, batch_size: int, bench: Bench) -> dict
         def work(inputs=inputs):
             with bench.autocast():
                 out = one_pass(inputs)
-                loss, _ = orpo_loss(
-                    out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], 0.1
-                )
+                loss, _ = ORPO(out)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -47,10 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import Shape, Step, activation_floor_bytes, step_flops  # noqa: E402
 
 from orpo.data.collate import PreferenceCollator  # noqa: E402
-from orpo.loss.orpo import orpo_loss  # noqa: E402
+from orpo.loss.objective import Objective  # noqa: E402
 from orpo.model.orpo_whisper import ORPOWhisper  # noqa: E402
 from orpo.model.recompute import SavedBytes, observe_saved_tensors  # noqa: E402
 from orpo.model.reference import two_pass_forward  # noqa: E402
+
+ORPO = Objective(alpha=0.1)  # the objective every measured step computes
 
 SHAPES = {  # d_model, layers, heads, ffn, mel bins, vocabulary
     "test": Shape(64, 2, 2, 256, 80, 51865),  # for the tests and dry runs: seconds on a CPU
@@ -142,7 +144,7 @@ def forward(model, batch: dict, variant: str) -> torch.Tensor:
         out = two_pass_forward(model, batch, pad_token_id=EOT)
     else:
         out = ORPOWhisper(model, selective_recompute=variant.endswith("selective"))(batch)
-    loss, _ = orpo_loss(out["logps_chosen"], out["logps_rejected"], out["rejected_mask"], out["nll_chosen"], 0.1)
+    loss, _ = ORPO(out)
     return loss
 
 
