@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,9 @@ def test_a_clip_index_survives_its_save_and_load(tmp_path, tokens):
     loaded = ClipIndex.load(tmp_path / "saved")
     assert [loaded.sample(i) for i in range(5)] == [index.sample(i) for i in range(5)]
     assert not list(tmp_path.glob(".tmp-*")), "the staging folder is renamed into place"
+    travelled = pickle.loads(pickle.dumps(loaded))  # as a spawned data-loader worker gets it
+    assert travelled.folder == tmp_path / "saved" and isinstance(travelled.arrays["tokens"], np.memmap)
+    assert len(pickle.dumps(loaded)) < 1000, "the arrays are not copied into the pickle"
 
 
 @pytest.mark.slow

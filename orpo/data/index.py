@@ -119,6 +119,14 @@ class ClipIndex:
     files: list[str]
     languages: list[str]
     arrays: dict[str, np.ndarray]
+    folder: Path | None = None  # the cache folder it was read from
+
+    def __reduce__(self):
+        """A cached index travels to another process (a spawned data-loader worker) as its folder, and is mapped
+        there again: pickling the arrays would copy every one of them."""
+        if self.folder is not None:
+            return ClipIndex.load, (self.folder,)
+        return super().__reduce__()
 
     def __len__(self) -> int:
         return len(self.arrays["line"])
@@ -178,7 +186,7 @@ class ClipIndex:
     def load(cls, folder: Path) -> "ClipIndex":
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
-        return cls(meta["files"], meta["languages"], arrays)
+        return cls(meta["files"], meta["languages"], arrays, Path(folder))
 
 
 def audio_stats(paths: list[str]) -> dict[str, list[int] | None]:
