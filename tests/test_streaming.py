@@ -143,6 +143,21 @@ def test_a_stream_reads_every_sample_once_an_epoch_in_a_seeded_order_grouped_by_
     assert sorted(lengths, reverse=True)[:2] in [lengths[k : k + 2] for k in range(0, 6, 2)]
 
 
+def test_data_loader_workers_read_every_shard_between_them(sources):
+    """The process's part is split between its workers once (by datasets), so every sample is read."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(stream_of(sources), batch_size=None, num_workers=2)
+    keys = [item["source"].rsplit("sample ", 1)[1] for item in islice(iter(loader), 40)]
+    assert set(keys) == {f"{i:09d}" for i in range(12)}
+
+
+def test_a_part_with_nothing_to_train_on_is_an_error_not_an_endless_loop(sources):
+    stream = stream_of(sources, min_len=20.0)  # every 1 s clip is outside the length limits
+    with pytest.raises(ManifestError, match="gave no training sample.*outside the length limits"):
+        next(iter(stream))
+
+
 def corrupt_shard(shards: str, folder: Path) -> str:
     """A copy of the shards in which sample 000000006's audio is not audio and sample 000000008 has no chosen."""
     import glob

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -174,19 +175,32 @@ class ClipIndex:
         return sorted({bytes(blob[offsets[i] : offsets[i + 1]]).decode("utf-8") for i in range(len(self))})
 
     def save(self, folder: Path, key: str) -> None:
-        """Into ``folder`` (staged, then renamed into place), with the audio files' sizes and times."""
+        """Into ``folder`` (staged under this process's own name, then renamed into place), with the audio files'
+        sizes and times. Another process that published this very index meanwhile (several machines checking
+        at once) is left alone."""
         staging = fresh_staging_dir(folder.with_name(f".tmp-{folder.name}-{os.getpid()}"))
         for name in ARRAYS:
             np.save(staging / f"{name}.npy", self.arrays[name], allow_pickle=False)
         meta = {"key": key, "files": self.files, "languages": self.languages, "audio": audio_stats(self.audio_files())}
         (staging / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        publish_dir(staging, folder)
+        if cached_key(folder) == key:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        publish_dir(staging, folder, aside=folder.with_name(f".old-{folder.name}-{os.getpid()}"))
 
     @classmethod
     def load(cls, folder: Path) -> "ClipIndex":
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
         return cls(meta["files"], meta["languages"], arrays, Path(folder))
+
+
+def cached_key(folder: Path) -> str | None:
+    """The key of the index cached in ``folder`` (None: none there, or one being replaced)."""
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def audio_stats(paths: list[str]) -> dict[str, list[int] | None]:
@@ -338,7 +352,12 @@ def load_index(
     except OSError as err:
         logger.warning("%s: the checked index could not be cached in %s (%s)", spec, folder, err)
     logger.info("%s: %d clips checked in %.1f s", spec, len(index), _since(started))
-    return ClipIndex.load(folder) if (folder / "meta.json").is_file() else index
+    if cached_key(folder) != key:  # not cached (a read-only disk), or being replaced by another check
+        return index
+    try:
+        return ClipIndex.load(folder)
+    except OSError:
+        return index
 
 
 def _since(started: float) -> float:

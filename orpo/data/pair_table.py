@@ -136,10 +136,9 @@ class PairTable:
         digest.update(np.ascontiguousarray(self.reference).tobytes())
         return digest.hexdigest()
 
-    def manifest_records(self) -> list[dict]:
-        """The pairs as manifest records (the trainer reads them as training data). A clip of a Hugging Face
-        dataset held in memory has no file to name: its record names its row ("source") instead of "audio"."""
-        records = []
+    def manifest_records(self):
+        """The pairs as manifest records, one clip at a time (the trainer reads them as training data). A clip of a
+        Hugging Face dataset held in memory has no file to name: its record names its row ("source") instead."""
         for item in self.dataset.items:
             sample = item.sample
             record = {"audio": str(sample.audio_path.resolve())} if sample.audio_path is not None else {}
@@ -148,5 +147,4 @@ class PairTable:
             record.update(duration=round(sample.duration, 4), chosen=sample.chosen, rejected=list(sample.rejected))
             if sample.language:
                 record["language"] = sample.language
-            records.append(record)
-        return records
+            yield record

@@ -1,9 +1,10 @@
 """Training pairs read as a stream (``streaming: true``): corpora too large to check up front.
 
 The source is a Hugging Face ``IterableDataset`` (:func:`orpo.data.hf.open_stream`: WebDataset tar shards,
-parquet files, a saved dataset read in shards, or a dataset ``load_dataset`` streams). Each process, and each of
-its data-loader workers, reads its own disjoint part (``datasets.distributed.split_dataset_by_node`` over
-process x worker: whole shards when there are enough of them).
+parquet files, a saved dataset read in shards, or a dataset ``load_dataset`` streams). Each process reads its own
+disjoint part (``datasets.distributed.split_dataset_by_node``: whole shards when there are at least as many as
+processes), and ``datasets`` gives each data-loader worker of a process its own shards of that part (a worker
+left without a shard reads nothing and ends).
 
 * **Shuffling**: the stream is read in blocks of ``shuffle_buffer`` rows; each block is put in a random order
   drawn from (seed, epoch, reader, block). With ``group_by_length`` the block is instead sorted by packed
@@ -61,17 +62,17 @@ class StreamedPreferences(torch.utils.data.IterableDataset):
     # reading
 
     def reader(self) -> tuple[int, int]:
-        """(this reader's index, readers in all): process x data-loader worker."""
+        """(this reader's index, readers in all): process x data-loader worker (its seeds draw from it)."""
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         return self.rank * workers + worker_id, self.world * workers
 
     def part(self, block_state):
-        """This reader's part of the stream, at ``block_state`` (None: its start)."""
+        """This process's part of the stream, at ``block_state`` (None: its start); read in a data-loader worker,
+        ``datasets`` narrows it to that worker's shards itself."""
         from datasets.distributed import split_dataset_by_node
 
-        reader, readers = self.reader()
-        part = split_dataset_by_node(self.source, rank=reader, world_size=readers)
+        part = split_dataset_by_node(self.source, rank=self.rank, world_size=self.world)
         if block_state is not None:
             part.load_state_dict(block_state)
         return part
@@ -79,6 +80,8 @@ class StreamedPreferences(torch.utils.data.IterableDataset):
     def __iter__(self):
         normalizer = TextNormalizer()
         while True:  # epochs: the trainer stops after max_steps
+            rows_read, items = 0, 0
+            from_start = self.position["block"] == 0 and self.position["done"] == 0  # not resumed mid-epoch
             block_state = self.position["block_state"]  # where the current block starts (None: the part's start)
             part = self.part(block_state)
             rows, first = iter(part), True
@@ -88,12 +91,29 @@ class StreamedPreferences(torch.utils.data.IterableDataset):
                 block = list(islice(rows, self.settings["shuffle_buffer"]))
                 if not block:
                     break
+                rows_read += len(block)
                 entries = [self.parse(row, k, normalizer) for k, row in enumerate(block)]
                 for k in self.order(entries)[self.position["done"] :]:
                     self.position |= {"block_state": block_state, "done": self.position["done"] + 1}
-                    yield from self.item(entries[k], normalizer)
+                    for item in self.item(entries[k], normalizer):
+                        items += 1
+                        yield item
                 self.position |= {"block": self.position["block"] + 1, "block_state": None, "done": 0}
+            if from_start and not rows_read:
+                return  # a reader without a shard (more data-loader workers than shards): it ends, the others go on
+            if from_start and not items:
+                self.nothing_to_train_on()
             self.position |= {"epoch": self.position["epoch"] + 1, "block": 0, "block_state": None, "done": 0}
+
+    def nothing_to_train_on(self) -> None:
+        """A whole pass over a part whose rows are all bad or outside the length limits would be read again for
+        ever: an error, naming what it met."""
+        waiting = self.position.get("waiting", {})
+        met = [f"{r['source']}: {r['reason']}" for r in waiting.get("bad_samples", [])[:3]]
+        met += [f"{source}: outside the length limits" for source in waiting.get("dropped", [])[:3]]
+        raise ManifestError(
+            f"{self.label}: a whole pass over a reader's part gave no training sample: {'; '.join(met)}"
+        )
 
     def parse(self, row: dict, row_in_block: int, normalizer) -> dict:
         """One row of a block, its transcripts parsed and tokenised (its audio not yet read): an entry to yield,
@@ -141,8 +161,9 @@ class StreamedPreferences(torch.utils.data.IterableDataset):
         if not self.settings["min_len"] <= duration <= self.settings["max_len"]:
             self.pending("dropped", where)
             return
-        if self.augment is not None:
-            audio = self.augment(audio, entry["ordinal"], self.position["epoch"])
+        if self.augment is not None:  # draws from (seed, epoch, reader, row): no two readers draw alike
+            reader, _ = self.reader()
+            audio = self.augment(audio, (reader << 40) + entry["ordinal"], self.position["epoch"])
         item = {
             **model_input(audio, self.feature_extractor, self.settings["raw_audio"]),
             "segments": encoded.segments,

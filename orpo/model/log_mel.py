@@ -31,8 +31,10 @@ class LogMel(nn.Module):
         if waveforms.shape[-1] != self.n_samples:
             raise ValueError(f"waveforms of {waveforms.shape[-1]} samples; Whisper's window is {self.n_samples}")
         with torch.autocast(waveforms.device.type, enabled=False):  # the spectrum in float32 whatever the step's
-            stft = torch.stft(waveforms.float(), self.n_fft, self.hop_length, window=self.window, return_complex=True)
+            # the buffers in float32 too: a DeepSpeed that casts the whole module to bf16 casts them as well
+            window, filters = self.window.float(), self.mel_filters.float()
+            stft = torch.stft(waveforms.float(), self.n_fft, self.hop_length, window=window, return_complex=True)
             power = stft[..., :-1].abs() ** 2
-            log_spec = torch.clamp(self.mel_filters @ power, min=1e-10).log10()
+            log_spec = torch.clamp(filters @ power, min=1e-10).log10()
             floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
             return (torch.maximum(log_spec, floor) + 4.0) / 4.0

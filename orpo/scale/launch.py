@@ -7,6 +7,7 @@ runs ZeRO-2 and ZeRO-3. DeepSpeed itself is imported only by a DeepSpeed launch.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shlex
 import sys
@@ -138,3 +139,40 @@ def unwrap_model(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
     while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module
     return model
+
+
+_LONG_WAIT_GROUP = None
+
+
+def long_wait_group():
+    """A gloo process group with a day-long timeout (None in a single process), for a wait as long as one process's
+    work takes: all processes wait while the main process checks a large manifest, which the default group's
+    timeout (10 minutes with NCCL) would break off. Every process must call it (it makes the group once)."""
+    import torch.distributed as dist
+
+    global _LONG_WAIT_GROUP
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if _LONG_WAIT_GROUP is None:
+        _LONG_WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+    return _LONG_WAIT_GROUP
+
+
+def raise_on_every_process(problem: Exception | None, group, main_only: bool = False) -> None:
+    """Every process raises the first error any of them met (``main_only``: the main process's), so none is left
+    waiting in the next collective for one that stopped."""
+    import torch.distributed as dist
+
+    if group is None:
+        if problem is not None:
+            raise problem
+        return
+    if main_only:
+        found = [problem]
+        dist.broadcast_object_list(found, src=0, group=group)
+    else:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem, group=group)
+    first = next((p for p in found if p is not None), None)
+    if first is not None:
+        raise first

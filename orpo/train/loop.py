@@ -7,6 +7,7 @@ Read :meth:`ORPOTrainer.setup` for what a run is made of (every check runs befor
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shlex
@@ -41,7 +42,14 @@ from orpo.model.log_mel import LogMel
 from orpo.model.orpo_whisper import ORPOWhisper, freeze_encoder
 from orpo.model.peft import adapter_hooks, apply_peft
 from orpo.scale.checks import check_launch_config
-from orpo.scale.launch import build_accelerator, launch_prefix, unwrap_model, uses_deepspeed
+from orpo.scale.launch import (
+    build_accelerator,
+    launch_prefix,
+    long_wait_group,
+    raise_on_every_process,
+    unwrap_model,
+    uses_deepspeed,
+)
 from orpo.scale.zero3 import consolidated_whisper, fill_deepspeed_config, param_ndim, whole_model_loading
 from orpo.train.checkpoint import (
     check_checkpoint_files,
@@ -228,20 +236,26 @@ class ORPOTrainer:
 
     def checked_datasets(self):
         """The datasets, a manifest checked once per run: the main process checks it (or reads its cached index) and
-        the others read the index it wrote; an error stops every process with the main process's message."""
-        accelerator = self.accelerator
+        the others read the index it wrote. They wait for it in a group with a day-long timeout (a cold check of
+        millions of lines outlasts the default one), and any error stops every process with its message."""
+        accelerator, build = self.accelerator, functools.partial(build_datasets, self.cfg, self.processor)
         if accelerator.num_processes == 1:
-            return build_datasets(self.cfg, self.processor, self.model_config)
+            return build(self.model_config)
+        group = long_wait_group()
         built, problem = None, None
         if accelerator.is_main_process:
             try:
-                built = build_datasets(self.cfg, self.processor, self.model_config)
+                built = build(self.model_config)
             except Exception as err:  # every process must hear of it, or the others wait here for ever
                 problem = err
-        problem = broadcast_object_list([problem])[0]
-        if problem is not None:
-            raise problem
-        return built or build_datasets(self.cfg, self.processor, self.model_config, build_index=False)
+        raise_on_every_process(problem, group, main_only=True)
+        if not accelerator.is_main_process:
+            try:
+                built = build(self.model_config, build_index=False)
+            except Exception as err:
+                problem = err
+        raise_on_every_process(problem, group)
+        return built
 
     def setup_pairs(self) -> None:
         """The objective, and the pair tables when the pairs change during the run (``refresh_pairs_steps``) or an
@@ -376,7 +390,7 @@ class ORPOTrainer:
         self.guard.set_base(self.base_results or {})
         self.guard.over_limit = list(self.resumed.get("regression_over_limit", []))
         self.pending_refresh = self.resumed.get("pending_refresh")
-        self.bad_samples.total = self.resumed.get("bad_samples", 0)
+        self.bad_samples.resume(self.resumed.get("bad_samples", 0), self.resumed["global_step"])
 
     # ----------------------------------------------------------------------------------------------
     # train

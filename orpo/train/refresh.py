@@ -48,7 +48,7 @@ from orpo.eval.generate import (
 from orpo.eval.nbest import Scorer, nbest_config, nbest_hypotheses
 from orpo.eval.reference import reference_logps
 from orpo.eval.text import wer_metrics
-from orpo.files import write_text_atomic
+from orpo.files import staged_file
 from orpo.scale.launch import unwrap_model
 from orpo.scale.shards import process_share
 from orpo.train.state import batch_seed
@@ -106,8 +106,9 @@ class PairRefresher:
         self.check_agreement(step)
         self.table.refreshed_at = step
         if self.accelerator.is_main_process:
-            records = self.table.manifest_records()
-            write_text_atomic(pairs_file(self.output_dir, step), "".join(json.dumps(r) + "\n" for r in records))
+            with staged_file(pairs_file(self.output_dir, step)) as staging, staging.open("w", encoding="utf-8") as f:
+                for record in self.table.manifest_records():  # one line at a time: a corpus may have millions
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
         metrics = {"refresh/clips_decoded": float(len(indices)), "refresh/clips_changed": float(len(changed))}
         metrics |= self.error_rates(hypotheses)
         metrics["refresh/seconds"] = time.perf_counter() - start

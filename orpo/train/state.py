@@ -24,6 +24,8 @@ POSITION_SETTINGS = (
     "seed",
     "peft",
     "group_by_length",
+    "stream_shuffle_buffer",  # with streaming: the blocks a reader orders, and how many readers a process has
+    "stream_readers",
 )
 
 
@@ -79,6 +81,8 @@ def batch_seed(seed: int, epoch: int, batch_index: int, process_index: int) -> i
 def run_settings(cfg, world_size: int, train_clips: int) -> dict:
     """The position settings of this run (and its base model), as a checkpoint records them."""
     values = {"world_size": world_size, "train_clips": train_clips}
+    values["stream_shuffle_buffer"] = cfg.shuffle_buffer if cfg.streaming else None
+    values["stream_readers"] = max(1, cfg.num_workers) if cfg.streaming else None
     settings = {key: values[key] if key in values else getattr(cfg, key) for key in POSITION_SETTINGS}
     return {**settings, "base_model": cfg.base_model}
 

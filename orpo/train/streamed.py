@@ -19,6 +19,7 @@ from orpo.data.collate import PreferenceCollator
 from orpo.data.hf import open_stream
 from orpo.data.stream import StreamedPreferences
 from orpo.errors import ManifestError
+from orpo.files import write_text_atomic
 
 logger = logging.getLogger("orpo")
 
@@ -72,6 +73,15 @@ class BadSamples:
         self.accelerator = accelerator
         self.total = total
         self.new: list[dict] = []
+
+    def resume(self, total: int, step: int) -> None:
+        """A resumed run's count, and its file without the records of steps after the checkpoint (the resumed run
+        meets those samples again)."""
+        self.total = total
+        if self.accelerator.is_main_process and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def take(self, batch: dict) -> dict:
         """The batch without its stream records: bad samples kept until the step settles, dropped clips logged."""
