@@ -47,7 +47,7 @@ from orpo.train.logs import read_metrics  # noqa: E402
 from orpo.train.loop import train  # noqa: E402
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # rows key dicts by identity (their recipe is a dict)
 class Row:
     """One trained row: its name in the table, its run folder, and the recipe keys it sets."""
 

@@ -84,3 +84,41 @@ def test_the_quality_set_sentences_are_distinct_and_every_rule_error_reads_diffe
         error = quality_set.rule_error(text, seed=line)
         assert normalize(error, "en") != normalize(text, "en"), text
         assert error == quality_set.rule_error(text, seed=line)
+
+
+def test_every_row_trains_once_into_its_own_folder_and_reuse_reads_finished_runs(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(cfg)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "eval_results.json").write_text("{}")
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    args = quality.argparse.Namespace(
+        model="tiny.en",
+        steps=60,
+        eval_steps=20,
+        logging_steps=10,
+        batch=8,
+        learning_rate=2e-5,
+        freeze_encoder=True,
+        seed=42,
+        refresh_steps=20,
+        lora_learning_rate=2e-4,
+        reuse=False,
+        rows=None,
+    )
+    runs = quality.train_rows(args, tmp_path / "model", tmp_path / "data")
+    names = [row.name for row in runs]
+    assert names[0].startswith("plain") and len(runs) == 7 and len({run for run in runs.values()}) == 7
+    by_folder = {Path(cfg.output_dir).name: cfg for cfg in trained}
+    assert by_folder["alpha-0"].alpha == 0 and by_folder["alpha-0"].eval_before_train
+    assert by_folder["orpo-refresh"].refresh_pairs_steps == 20 and by_folder["orpo-refresh"].log_grad_share
+    assert by_folder["simpo"].loss_type == "simpo" and not by_folder["simpo"].log_grad_share
+    assert by_folder["dpo-lora"].peft == "lora" and by_folder["dpo-lora"].learning_rate == 2e-4
+    trained.clear()
+    args.reuse = True
+    assert list(quality.train_rows(args, tmp_path / "model", tmp_path / "data").values()) == list(runs.values())
+    assert trained == [], "--reuse trained a finished row again"
