@@ -82,7 +82,7 @@ def test_german_demo_trains_with_the_german_prefix_and_transcribes(base_dir, tmp
     processor = load_processor(str(output_dir))
     train_set, test_set, tokens = build_datasets(cfg, processor, WhisperConfig.from_pretrained(output_dir))
     assert tokens.multilingual
-    assert {item.language_code for item in train_set.items + test_set.items} == {"de"}
+    assert {item.language_code for item in [*train_set.items, *test_set.items]} == {"de"}
     batch = next(iter(DataLoader(train_set, batch_size=2, collate_fn=PreferenceCollator(tokens.eot))))
     row = batch["decoder_input_ids"][0].tolist()
     assert processor.tokenizer.decode(row[:4]) == GERMAN_PREFIX
