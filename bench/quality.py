@@ -83,6 +83,7 @@ MODELS = {  # --model: (model folder, fetch name, data folder, builder flags, re
     ),
 }
 BOOTSTRAP_SAMPLES = 2000
+NLL_FREE = ("simpo", "dpo", "ipo")  # loss types with no NLL term on the chosen transcript
 
 
 def prepare(args) -> tuple[Path, Path]:
@@ -194,7 +195,7 @@ def run_summary(run: Path) -> dict:
     return {
         "results": results,
         "records": records,
-        "last_wer": evaluations[max(evaluations)]["eval/wer"],
+        "last": evaluations[max(evaluations)],
         "grad_share": float(np.mean(shares)) if shares else None,
         "grad_cosine": float(np.mean(cosines)) if cosines else None,
         "on_policy": (on_policy[0], on_policy[-1]) if on_policy else None,
@@ -221,6 +222,7 @@ def table_rows(runs: dict[Row, Path], spelling: dict | None, seed: int) -> list[
                 "accuracy": base["eval/preference/accuracy"],
                 "margin": base["eval/preference/margin"],
                 "regression": base["regression/wer"],
+                "nll": base["eval/nll_loss"],
             }
         )
     for row, summary in summaries.items():
@@ -229,7 +231,10 @@ def table_rows(runs: dict[Row, Path], spelling: dict | None, seed: int) -> list[
             {
                 "model": row.name,
                 "wer": metrics["eval/wer"],
-                "last_wer": summary["last_wer"],
+                "last_wer": summary["last"]["eval/wer"],
+                "last_margin": summary["last"]["eval/preference/margin"],
+                "last_nll": summary["last"]["eval/nll_loss"],
+                "nll_free": row.recipe.get("loss_type") in NLL_FREE,
                 "vs_plain": None
                 if row == plain_row
                 else paired_difference(clip_errors(samples[row], "hypothesis", spelling), plain, seed),
@@ -308,22 +313,81 @@ def verdicts(rows: list[dict]) -> list[str]:
     return sentences
 
 
+COLUMNS = (  # (row key, column name, the better end)
+    ("wer", "test WER (best model)", min),
+    ("last_wer", "test WER (last step)", min),
+    ("accuracy", "preference accuracy", max),
+    ("margin", "log-prob margin", max),
+    ("regression", "regression WER", min),
+)
+
+
+def winners(rows: list[dict]) -> str:
+    """Which trained row is best on each column (every row tied at the table's precision named)."""
+    trained = [r for r in rows if not r["model"].startswith("base")]
+    parts = []
+    for key, column, better in COLUMNS:
+        best = better(r[key] for r in trained)
+        tied = [r["model"] for r in trained if abs(r[key] - best) < 5e-5]
+        parts.append(f"{column}: {' = '.join(tied)}")
+    return "**Best trained row per column.** " + "; ".join(parts) + "."
+
+
 def why(rows: list[dict]) -> str:
-    """What the gradient share says about the result: how big the odds-ratio term's push was and how much of it
-    plain fine-tuning already gives (its preference accuracy without ever seeing a rejected transcript)."""
+    """What the logged metrics say about the result: how big the odds-ratio term's push was, how much of it plain
+    fine-tuning already gives, and what the objectives without an NLL term did to the chosen transcript."""
     base = rows[0]
     plain = next(r for r in rows if r["model"].startswith("plain"))
-    orpo = [r for r in rows if r["model"].startswith("ORPO") and r.get("grad_share") is not None]
-    shares = ", ".join(f"{r['grad_share']:.2f}x at {r['model'].removeprefix('ORPO ')}" for r in orpo)
-    cosines = [r["grad_cosine"] for r in orpo]
-    return (
-        f"**Why the rows end where they do.** The odds-ratio term's gradient averaged {shares} the NLL's norm "
-        f"(logged every logging step on one micro-batch), at a mean cosine of {min(cosines):+.2f} to "
+    fixed = [r for r in rows if r.get("grad_share") is not None and r.get("on_policy") is None]
+    shares = ", ".join(f"{r['grad_share']:.2f}x at {r['model'].removeprefix('ORPO ')}" for r in fixed)
+    cosines = [r["grad_cosine"] for r in fixed]
+    text = (
+        f"**Why the rows end where they do.** With fixed pairs the odds-ratio term's gradient averaged {shares} "
+        f"the NLL's norm (logged every logging step on one micro-batch), at a mean cosine of {min(cosines):+.2f} to "
         f"{max(cosines):+.2f} with the NLL's gradient: much of its push points the way the NLL already pushes. "
         f"Plain fine-tuning, which never sees a rejected transcript, takes preference accuracy from "
         f"{base['accuracy']:.2f} (the base model prefers its own errors) to {plain['accuracy']:.2f}: raising the "
         "chosen transcript's likelihood already lowers the rejected one's on this set, so the odds-ratio term has "
         "little left to add at small alpha, and the larger alphas show what a bigger share of the update does."
+    )
+    for row in rows:
+        if row.get("on_policy") is not None and row.get("grad_share") is not None:
+            text += (
+                f" With pairs refreshed ({row['model']}) the term's share stays at {row['grad_share']:.2f}x: the "
+                "new rejected transcripts are the model's current near-misses, so the preference term never runs "
+                f"out of signal; where plain fine-tuning already reaches {plain['wer']:.2%}, that push did not "
+                "lower test WER further."
+            )
+    text += without_nll(base, plain, rows)
+    return text
+
+
+def without_nll(base: dict, plain: dict, rows: list[dict]) -> str:
+    """The objectives with no NLL term (SimPO, DPO): their margin widens while the chosen transcript's own
+    likelihood falls, the likelihood displacement the DPO literature reports."""
+    others = [r for r in rows if "last_margin" in r and not r.get("nll_free")]
+    rows = [r for r in rows if r.get("nll_free")]
+    if not rows:
+        return ""
+    widest = min(r["last_margin"] for r in rows) > max(r["last_margin"] for r in others)
+    each = "; ".join(
+        f"{r['model']} margin {r['last_margin']:+.2f}, NLL {r['last_nll']:.3f}, test WER {r['last_wer']:.0%}"
+        for r in rows
+    )
+    rose = all(r["last_nll"] > base["nll"] for r in rows)
+    runs_on = all(r["last_wer"] > 1 for r in rows)
+    return (
+        "\n\n**The objectives without an NLL term.** SimPO and DPO only ask that the chosen transcript beat the "
+        "rejected one; nothing holds the chosen transcript's own likelihood up. By the last step their held-out "
+        f"log-prob margin is {'the widest of all rows' if widest else 'wide'} while the chosen transcript's NLL per "
+        f"token {'rose above' if rose else 'ended against'} the base model's {base['nll']:.3f}: {each} (plain "
+        f"fine-tuning: margin {plain['last_margin']:+.2f}, NLL {plain['last_nll']:.3f}). "
+        + ("Both transcripts fell, the rejected faster. " if rose else "")
+        + ("Greedy decoding then runs on past the speech (a WER above 100% is insertions). " if runs_on else "")
+        + "This is the likelihood displacement reported for DPO (Pal et al. 2024, DPO-Positive; Razin et al. "
+        "2024); ORPO and CPO keep an NLL term against it. Their best "
+        "models are the early checkpoints the selection kept; a smaller learning rate or beta may serve them "
+        "better, but every row here holds the same settings."
     )
 
 
@@ -331,7 +395,7 @@ def plot(runs: dict[Row, Path], path: Path) -> None:
     """Test WER, regression WER and the odds-ratio gradient share against step, one line per row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import LogLocator, PercentFormatter
 
     from orpo.train.plots import series
 
@@ -345,14 +409,21 @@ def plot(runs: dict[Row, Path], path: Path) -> None:
             ax.plot(*series(records, key), marker="o", color=color, label=row.name)
         if series(records, "grad_share/odds_ratio")[0]:
             axes[2].plot(*series(records, "grad_share/odds_ratio"), color=color, label=row.name)
-    titles = ("test WER (greedy)", "regression WER (greedy)", "|alpha grad L_OR| / |grad NLL| (log_grad_share)")
+    titles = (
+        "test WER (greedy, log scale)",
+        "regression WER (greedy, log scale)",
+        "|alpha grad L_OR| / |grad NLL| (log_grad_share)",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("optimizer step (0: base model)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in axes[:2]:
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    for ax in axes[:2]:  # log scale: rows a word apart near 3% stay apart beside a run above 100%
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+        ax.yaxis.set_minor_formatter(PercentFormatter(1.0, decimals=0))
     axes[2].set_yscale("log")
     with staged_file(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -406,6 +477,8 @@ def write_report(args, rows: list[dict], data_dir: Path, took: str, picture: str
             format_table(rows),
             "",
             *verdicts(rows),
+            "",
+            winners(rows),
             "",
             why(rows),
             "",
