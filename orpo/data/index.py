@@ -246,25 +246,28 @@ def _columns(encoded: list[EncodedSample], shard: int) -> dict[str, np.ndarray |
 
 
 def _join(parts: list[dict]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """One set of arrays from the parts' (offsets shifted, language codes mapped to one list)."""
+    """One set of arrays from the parts' (offsets shifted, language codes mapped to one list). Each array of the
+    parts is let go as soon as it is joined, so the check holds the index about once, not twice."""
     languages = sorted({language for part in parts for language in part["languages"]})
-    arrays = {name: [] for name in ARRAYS}
     shifts = {"audio_offsets": "audio_bytes", "first_transcript": "prefix", "text_offsets": "text_bytes"}
     shifts["token_offsets"] = "tokens"
-    base = {name: 0 for name in shifts}
-    for part in parts:
-        codes = np.array([languages.index(language) for language in part["languages"]] + [-1], dtype=np.int16)
-        for name in ARRAYS:
-            value = part[name]
+    sizes = [{name: len(part[name]) for name in ARRAYS} for part in parts]  # before any is let go
+    arrays = {}
+    for name in ARRAYS:
+        values, base = [], 0
+        for part, size in zip(parts, sizes):
+            value = part.pop(name)
             if name in shifts:
-                value = value[:-1] + base[name]
-                base[name] += len(part[shifts[name]])
+                value = value[:-1] + base
+                base += size[shifts[name]]
             elif name == "language":
-                value = codes[value]  # -1 indexes the appended -1
-            arrays[name].append(value)
-    for name in shifts:
-        arrays[name].append(np.array([base[name]], dtype=np.int64))
-    return languages, {name: np.concatenate(values) for name, values in arrays.items()}
+                codes = [languages.index(language) for language in part["languages"]]
+                value = np.array(codes + [-1], dtype=np.int16)[value]  # -1 indexes the appended -1
+            values.append(value)
+        if name in shifts:
+            values.append(np.array([base], dtype=np.int64))
+        arrays[name] = np.concatenate(values)
+    return languages, arrays
 
 
 def check_part(task: tuple) -> dict | ManifestError:
