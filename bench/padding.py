@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from orpo.data.dataset import PreferenceDataset
 from orpo.data.manifest import read_manifest  # noqa: E402
-from orpo.data.sampling import LengthGroupedSampler, packed_lengths, padding_fraction  # noqa: E402
+from orpo.data.sampling import LengthGroupedSampler, padding_fraction  # noqa: E402
 from orpo.data.tokens import (
     WhisperTokens,
     is_multilingual,  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     multilingual = is_multilingual(WhisperConfig.from_pretrained(args.model)) if config_file.exists() else True
     tokens = WhisperTokens(processor.tokenizer, multilingual, "transcribe", False, 448)
     dataset = PreferenceDataset(read_manifest(args.data), processor.feature_extractor, tokens, args.language, 0, 30)
-    lengths = packed_lengths(dataset)
+    lengths = dataset.packed_lengths()
 
     random_order, grouped_order = [], []
     for epoch in range(args.epochs):

@@ -504,9 +504,8 @@ class TrainConfig(Config):
     def check_streaming(self) -> None:
         """A stream has no length (the run needs max_steps) and no pair table (refreshed pairs, reference
         log-probs)."""
-        for name in ("shuffle_buffer",):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}", key="shuffle_buffer")
         if self.max_bad_samples < 0:
             raise ConfigError(f"max_bad_samples must be >= 0, got {self.max_bad_samples}", key="max_bad_samples")
         if not self.streaming:

@@ -43,11 +43,6 @@ class LengthGroupedSampler(Sampler[int]):
             yield from batches[b]
 
 
-def packed_lengths(dataset) -> list[int]:
-    """Decoder row length of each clip of a PreferenceDataset: all its transcripts packed side by side."""
-    return dataset.packed_lengths()
-
-
 def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
     """Share of decoder positions that are padding when ``order`` is cut into batches of ``batch_size``."""
     padded = real = 0

@@ -25,7 +25,7 @@ from orpo.config import TrainConfig, config_to_dict
 from orpo.data.collate import PreferenceCollator
 from orpo.data.dataset import build_datasets, build_regression_dataset
 from orpo.data.pair_table import PairTable
-from orpo.data.sampling import LengthGroupedSampler, packed_lengths
+from orpo.data.sampling import LengthGroupedSampler
 from orpo.errors import NonFiniteLossError, OutputDirError
 from orpo.eval.generate import EvaluationStopped
 from orpo.eval.preference import preference_metrics
@@ -208,11 +208,10 @@ class ORPOTrainer:
         self.test_loader = self.eval_loader(collator)
         if cfg.streaming:
             return
-        order = (
-            {"sampler": LengthGroupedSampler(packed_lengths(self.train_set), cfg.per_device_train_batch_size, cfg.seed)}
-            if cfg.group_by_length
-            else {"shuffle": True}
-        )
+        order = {"shuffle": True}
+        if cfg.group_by_length:
+            lengths = self.train_set.packed_lengths()
+            order = {"sampler": LengthGroupedSampler(lengths, cfg.per_device_train_batch_size, cfg.seed)}
         self.train_loader = DataLoader(
             self.train_set,
             batch_size=cfg.per_device_train_batch_size,
